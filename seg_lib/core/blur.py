@@ -61,25 +61,34 @@ def gaussian_kernel_1d(size: int, sigma: float) -> torch.Tensor:
 
 
 @lru_cache(maxsize=256)
-def _axis_operator_f32(side: int, sigma: float) -> torch.Tensor:
-    """``[side, side]`` matrix M with ``M @ v`` = reflect-pad ``v``, then convolve with the 1D kernel."""
+def _axis_operator_f64(side: int, sigma: float) -> torch.Tensor:
+    """``[side, side]`` matrix M with ``M @ v`` = reflect-pad ``v``, then convolve with the 1D kernel.
+
+    The taps are the official float32 ones; mirrored taps are folded together in float64 so the
+    folding adds no rounding of its own.
+    """
     size = kernel_size(sigma, side)
-    taps = gaussian_kernel_1d(size, sigma)
+    taps = gaussian_kernel_1d(size, sigma).double()
     pad = size // 2
     # Source index of every tap of every output position, mirrored at the edges like F.pad(mode="reflect").
     src = torch.arange(side).unsqueeze(1) + torch.arange(size).unsqueeze(0) - pad
     src = src.abs()
     src = torch.where(src >= side, 2 * (side - 1) - src, src)
     rows = torch.arange(side).unsqueeze(1).expand(side, size)
-    op = torch.zeros(side, side, dtype=torch.float32)
+    op = torch.zeros(side, side, dtype=torch.float64)
     op.index_put_((rows.reshape(-1), src.reshape(-1)), taps.repeat(side), accumulate=True)
     return op
 
 
 @lru_cache(maxsize=256)
 def _axis_operator(side: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Built in float32 and cast to the input's dtype, as the official kernel is.
-    return _axis_operator_f32(side, sigma).to(device=device, dtype=dtype)
+    # Cast to the input's dtype, as the official kernel is.
+    return _axis_operator_f64(side, sigma).to(device=device, dtype=dtype)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision means are summed in float32; float32 and float64 keep their own precision.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def gaussian_blur_2d(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -89,7 +98,7 @@ def gaussian_blur_2d(x: torch.Tensor, sigma: float) -> torch.Tensor:
         raise ValueError(f"gaussian_blur_2d expects a [B, C, H, W] tensor; got shape {tuple(x.shape)}")
     batch, channels, height, width = x.shape
     if is_infinite(sigma):
-        mean = x.mean(dim=(-2, -1), keepdim=True, dtype=torch.float32).to(x.dtype)
+        mean = x.mean(dim=(-2, -1), keepdim=True, dtype=_accumulation_dtype(x.dtype)).to(x.dtype)
         return mean.expand_as(x).contiguous()
     rows_op = _axis_operator(height, sigma, x.dtype, x.device)
     cols_op = _axis_operator(width, sigma, x.dtype, x.device)
@@ -111,7 +120,7 @@ def smooth_queries(q: torch.Tensor, height: int, width: int, sigma: float) -> to
     if height < 1 or width < 1 or height * width != tokens:
         raise ValueError(f"a {height}x{width} grid does not hold the {tokens} query tokens")
     if is_infinite(sigma):
-        mean = q.mean(dim=1, keepdim=True, dtype=torch.float32).to(q.dtype)
+        mean = q.mean(dim=1, keepdim=True, dtype=_accumulation_dtype(q.dtype)).to(q.dtype)
         return mean.expand_as(q).contiguous()
     rows_op = _axis_operator(height, sigma, q.dtype, q.device)
     cols_op = _axis_operator(width, sigma, q.dtype, q.device)

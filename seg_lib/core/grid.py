@@ -8,9 +8,6 @@ flattened row-major into ``N = h * w`` tokens. A square-root guess is wrong on m
 
 from __future__ import annotations
 
-# Deep enough for any UNet in use (SD/SDXL go to depth 3); the loop also stops at a 1x1 grid.
-MAX_DEPTH = 8
-
 
 def _ceil_half(side: int, times: int) -> int:
     return -(-side // (1 << times))
@@ -25,22 +22,12 @@ def grid_at_depth(latent_height: int, latent_width: int, depth: int) -> tuple[in
     return _ceil_half(latent_height, depth), _ceil_half(latent_width, depth)
 
 
-def token_grid(
-    latent_height: int, latent_width: int, tokens: int, depth: int | None = None
-) -> tuple[int, int] | None:
-    """The ``(h, w)`` grid holding ``tokens`` queries, or None when no UNet depth has that many tokens.
+def token_grid(latent_height: int, latent_width: int, tokens: int, depth: int) -> tuple[int, int] | None:
+    """The ``(h, w)`` grid of a layer ``depth`` downsamples deep, or None when it does not hold ``tokens``.
 
-    With ``depth`` given only that depth is accepted: pass it wherever tokens may have been merged
-    (ToMe), since a merged count can equal the token count of a deeper level. Without it the depth is
-    found from the count, which is unique because the count strictly falls with depth.
+    None means the layer does not see the plain grid (token merging, an unknown UNet): its queries must not
+    be blurred. The depth is required because a merged count can equal the token count of a deeper level
+    (ToMe at ratio 0.75 leaves exactly the depth-1 count), so a count alone can name a wrong grid.
     """
-    if depth is not None:
-        h, w = grid_at_depth(latent_height, latent_width, depth)
-        return (h, w) if h * w == tokens else None
-    for level in range(MAX_DEPTH + 1):
-        h, w = grid_at_depth(latent_height, latent_width, level)
-        if h * w == tokens:
-            return h, w
-        if h * w < tokens or (h == 1 and w == 1):
-            return None
-    return None
+    h, w = grid_at_depth(latent_height, latent_width, depth)
+    return (h, w) if h * w == tokens else None

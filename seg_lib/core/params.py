@@ -90,7 +90,8 @@ def _parse_layers(param: Param, value: object) -> str:
     try:
         return normalize_layers(value)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise ValueError(f"SEG {param.label.lower()} ({param.name}): {exc}") from None
+        detail = str(exc).removeprefix("layers: ")
+        raise ValueError(f"SEG {param.label.lower()} ({param.name}): {detail}; got {value!r}") from None
 
 
 def _format_number(value: float) -> str:
