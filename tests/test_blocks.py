@@ -94,10 +94,7 @@ def test_blocks_missing_from_the_model_list_the_valid_ones():
 
 
 def test_describe_layout():
-    assert (
-        describe_layout(SD1_LAYOUT)
-        == "d0-d5 (1 transformer each), m0 (1 transformer), u0-u8 (1 transformer each)"
-    )
+    assert describe_layout(SD1_LAYOUT) == "d0-d5 (1 transformer each), m0 (1 transformer), u0-u8 (1 transformer each)"
     assert describe_layout(SDXL_LAYOUT) == (
         "d0-d3 (transformers d0:2 d1:2 d2:10 d3:10), m0 (10 transformers), "
         "u0-u5 (transformers u0:10 u1:10 u2:10 u3:2 u4:2 u5:2)"

@@ -82,9 +82,7 @@ def test_gaussian_blur_2d_matches_token_form():
     x = _queries(2, 12, 20, 5)
     as_map = tokens_to_map(x, 12, 20)
     torch.testing.assert_close(map_to_tokens(gaussian_blur_2d(as_map, 2.0)), smooth_queries(x, 12, 20, 2.0))
-    torch.testing.assert_close(
-        map_to_tokens(gaussian_blur_2d(as_map, math.inf)), smooth_queries(x, 12, 20, math.inf)
-    )
+    torch.testing.assert_close(map_to_tokens(gaussian_blur_2d(as_map, math.inf)), smooth_queries(x, 12, 20, math.inf))
 
 
 @pytest.mark.parametrize(("height", "width"), [(1, 1), (1, 512), (512, 1), (2, 300), (512, 512)])

@@ -6,6 +6,8 @@ Selector syntax (the one the Forge/ComfyUI SEG nodes use), comma-separated, case
   middle block, or the decoder (output blocks), counting from 0; every transformer in it.
 - ``u0.4``: only transformer 4 of that block; ``d2.2-9``: transformers 2 to 9.
 - ``d0-d3`` (or ``d0-3``): blocks 0 to 3; ranges are inclusive.
+- ``input4``, ``middle0``, ``output1.2``: a block by its index in ``input_blocks`` / ``output_blocks``
+  (the naming of Forge's patcher and of infotext written by other SEG extensions).
 
 So on SD1.x ``d0`` is ``input_blocks[1]`` and ``u0`` is ``output_blocks[3]``; on SDXL ``d0`` is
 ``input_blocks[4]`` and ``m0`` is all 10 transformers of the middle block.
@@ -20,6 +22,7 @@ PARTS = {"d": "input", "m": "middle", "u": "output"}
 PREFIXES = {part: prefix for prefix, part in PARTS.items()}
 DEFAULT_LAYERS = "m0"
 
+_RAW_ENTRY = re.compile(r"^\s*(input|middle|output)\s*(\d+)(?:\s*\.\s*(\d+)(?:\s*-\s*(\d+))?)?\s*$")
 _ENTRY = re.compile(r"^\s*([dmu])\s*(\d+)(?:\s*-\s*([dmu])?\s*(\d+))?(?:\s*\.\s*(\d+)(?:\s*-\s*(\d+))?)?\s*$")
 
 
@@ -52,14 +55,16 @@ class Selector:
     last: int
     t_first: int | None = None
     t_last: int | None = None
+    raw: bool = False  # first/last are input_blocks/output_blocks indices, not attention-block ordinals
 
     def __str__(self) -> str:
         prefix = PREFIXES[self.part]
-        text = (
-            f"{prefix}{self.first}"
-            if self.first == self.last
-            else f"{prefix}{self.first}-{prefix}{self.last}"
-        )
+        if self.raw:
+            text = f"{self.part}{self.first}"
+        elif self.first == self.last:
+            text = f"{prefix}{self.first}"
+        else:
+            text = f"{prefix}{self.first}-{prefix}{self.last}"
         if self.t_first is not None:
             text += f".{self.t_first}" if self.t_first == self.t_last else f".{self.t_first}-{self.t_last}"
         return text
@@ -98,6 +103,11 @@ def parse_layers(text: str) -> tuple[Selector, ...]:
         raise ValueError(f"layers: select at least one block, e.g. {DEFAULT_LAYERS!r}")
     selectors = []
     for entry in entries:
+        raw = _RAW_ENTRY.match(entry.lower())
+        if raw is not None:
+            part, index, t_first, t_last = raw.groups()
+            selectors.append(_selector(entry, part, index, index, t_first, t_last, raw=True))
+            continue
         match = _ENTRY.match(entry.lower())
         if match is None:
             raise ValueError(
@@ -107,21 +117,26 @@ def parse_layers(text: str) -> tuple[Selector, ...]:
         prefix, first, end_prefix, last, t_first, t_last = match.groups()
         if end_prefix is not None and end_prefix != prefix:
             raise ValueError(f"layers: {entry.strip()!r} mixes block kinds in one range")
-        selector = Selector(
-            part=PARTS[prefix],
-            first=int(first),
-            last=int(last) if last is not None else int(first),
-            t_first=int(t_first) if t_first is not None else None,
-            t_last=int(t_last if t_last is not None else t_first) if t_first is not None else None,
-        )
-        if selector.last < selector.first or (
-            selector.t_first is not None
-            and selector.t_last is not None
-            and selector.t_last < selector.t_first
-        ):
-            raise ValueError(f"layers: {entry.strip()!r} has a range that ends before it starts")
-        selectors.append(selector)
+        selectors.append(_selector(entry, PARTS[prefix], first, last or first, t_first, t_last, raw=False))
     return tuple(selectors)
+
+
+def _selector(
+    entry: str, part: str, first: str, last: str, t_first: str | None, t_last: str | None, *, raw: bool
+) -> Selector:
+    selector = Selector(
+        part=part,
+        first=int(first),
+        last=int(last),
+        t_first=int(t_first) if t_first is not None else None,
+        t_last=int(t_last if t_last is not None else t_first) if t_first is not None else None,
+        raw=raw,
+    )
+    if selector.last < selector.first or (
+        selector.t_first is not None and selector.t_last is not None and selector.t_last < selector.t_first
+    ):
+        raise ValueError(f"layers: {entry.strip()!r} has a range that ends before it starts")
+    return selector
 
 
 def normalize_layers(text: str) -> str:
@@ -157,11 +172,13 @@ def resolve_layers(layers: str | tuple[Selector, ...], layout: UNetLayout) -> tu
     picked: set[LayerRef] = set()
     for selector in selectors:
         blocks = by_part[selector.part]
-        if selector.last >= len(blocks):
-            raise ValueError(
-                f"layers: {str(selector)!r} is not in this model; valid: {describe_layout(layout)}"
-            )
-        for block in blocks[selector.first : selector.last + 1]:
+        if selector.raw:
+            chosen = [block for block in blocks if block.index == selector.first]
+        else:
+            chosen = blocks[selector.first : selector.last + 1] if selector.last < len(blocks) else []
+        if not chosen:
+            raise ValueError(f"layers: {str(selector)!r} is not in this model; valid: {describe_layout(layout)}")
+        for block in chosen:
             if selector.t_first is None:
                 wanted = range(block.transformers)
             else:

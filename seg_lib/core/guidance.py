@@ -65,8 +65,7 @@ def seg_guidance(
     images, rows = weights.shape
     if rows != delta.shape[0] or images != cfg_result.shape[0]:
         raise ValueError(
-            f"weights {tuple(weights.shape)} do not match {delta.shape[0]} cond rows "
-            f"and {cfg_result.shape[0]} images"
+            f"weights {tuple(weights.shape)} do not match {delta.shape[0]} cond rows and {cfg_result.shape[0]} images"
         )
     term = weights.to(delta.dtype) @ delta.reshape(rows, -1)
     return cfg_result + scale * term.reshape(cfg_result.shape)

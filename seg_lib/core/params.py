@@ -197,8 +197,7 @@ class SegParams:
             object.__setattr__(self, param.name, param.check(getattr(self, param.name)))
         if self.start > self.end:
             raise ValueError(
-                "SEG start (start) must not be after SEG end (end); "
-                f"got start={self.start!r}, end={self.end!r}"
+                f"SEG start (start) must not be after SEG end (end); got start={self.start!r}, end={self.end!r}"
             )
 
     def values(self) -> list[Any]:
@@ -214,12 +213,7 @@ def params_from_args(args: Sequence[Any] | Mapping[str, Any] | None) -> SegParam
     their defaults), a mapping of named fields, or a one-element list holding such a mapping."""
     if args is None:
         return SegParams()
-    if (
-        isinstance(args, Sequence)
-        and not isinstance(args, str)
-        and len(args) == 1
-        and isinstance(args[0], Mapping)
-    ):
+    if isinstance(args, Sequence) and not isinstance(args, str) and len(args) == 1 and isinstance(args[0], Mapping):
         args = args[0]
     if isinstance(args, Mapping):
         unknown = sorted(str(key) for key in args if key not in BY_NAME)

@@ -1,0 +1,52 @@
+"""Smoothed Energy Guidance: the AlwaysVisible script. Thin on purpose: arguments in, the host adapter out.
+
+Per-generation state lives on the processing object ``p`` (see ``seg_lib.host``), never on this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modules import script_callbacks, scripts
+
+from seg_lib import api, ui, xyz
+from seg_lib.core.paste import normalize_pasted
+from seg_lib.generation import params_for_generation
+from seg_lib.host import HOST
+from seg_lib.host.adapter import adapter_for
+from seg_lib.log import log
+
+ADAPTER = adapter_for(HOST)
+
+
+class SmoothedEnergyGuidanceScript(scripts.Script):
+    sorting_priority = 15  # Forge orders its always-on scripts by this
+
+    def title(self) -> str:
+        return ui.TITLE
+
+    def show(self, is_img2img: bool) -> Any:
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool) -> list[Any]:
+        controls = ui.build_controls(self.elem_id)
+        self.infotext_fields = ui.infotext_fields(controls)
+        self.paste_field_names = ui.PASTE_FIELD_NAMES
+        return controls
+
+    def process(self, p: Any, *args: Any) -> None:
+        ADAPTER.start(p, params_for_generation(p, args))
+
+    def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
+        ADAPTER.finish(p)
+
+
+def _on_infotext_pasted(_infotext: str, fields: dict[str, Any]) -> None:
+    for warning in normalize_pasted(fields):
+        log(f"pasted infotext: {warning}")
+
+
+ADAPTER.install_callbacks(script_callbacks)
+script_callbacks.on_infotext_pasted(_on_infotext_pasted)
+script_callbacks.on_before_ui(xyz.register_axes)
+script_callbacks.on_app_started(lambda _demo, app: api.install(app, ui.TITLE))

@@ -1,0 +1,41 @@
+"""Per-generation settings, shared by both hosts: UI/API arguments plus XYZ overrides -> SegParams,
+and the infotext that goes with them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from seg_lib.core.params import BY_INFOTEXT, PARAMS, SegParams, params_from_args, to_infotext
+from seg_lib.log import log
+from seg_lib.xyz import overrides
+
+
+def script_args_to_params(args: Sequence[Any]) -> SegParams:
+    """The script's argument slice: positional values in table order, or (API object form) a mapping
+    first, the host having filled the remaining slots with UI defaults."""
+    if args and isinstance(args[0], Mapping):
+        return params_from_args(args[0])
+    return params_from_args(list(args))
+
+
+def params_for_generation(p: Any, args: Sequence[Any]) -> SegParams:
+    """Settings for this generation (XYZ cell values win), with the infotext set to match.
+
+    SEG keys are removed first: XYZ cells share one ``extra_generation_params`` dict, and a cell with
+    SEG off must carry no SEG keys. Invalid settings switch SEG off for this generation, with one line.
+    """
+    for key in BY_INFOTEXT:
+        p.extra_generation_params.pop(key, None)
+    try:
+        params = script_args_to_params(args)
+        cell = overrides(p)
+        if cell:
+            named = {param.name: value for param, value in zip(PARAMS, params.values(), strict=True)}
+            params = params_from_args({**named, **cell})
+    except ValueError as error:
+        log(f"SEG is off for this generation: {error}")
+        return SegParams()
+    if params.enabled:
+        p.extra_generation_params.update(to_infotext(params))
+    return params
