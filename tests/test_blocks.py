@@ -108,3 +108,13 @@ def test_normalized_text_parses_to_the_same_selection():
         assert normalize_layers(canonical) == canonical
     assert normalize_layers(" d0 - d3 , u0.4") == "d0-d3,u0.4"
     assert normalize_layers("d0-d0.3-3") == "d0.3"
+
+
+def test_blocks_by_their_unet_index():
+    # The naming of Forge's patcher and of the Forge/ComfyUI SEG extension's infotext (seg_block + id).
+    assert _refs("input4", SDXL_LAYOUT) == [("input", 4, 0), ("input", 4, 1)]
+    assert _refs("middle0") == _refs("m0")
+    assert _refs("output1.2-3", SDXL_LAYOUT) == [("output", 1, 2), ("output", 1, 3)]
+    assert normalize_layers(" Input4 , output1.2-3") == "input4,output1.2-3"
+    with pytest.raises(ValueError, match="'input3' is not in this model"):
+        resolve_layers("input3", SDXL_LAYOUT)
