@@ -1,0 +1,257 @@
+"""API tier: drives a running WebUI (A1111 or Forge) over HTTP. Skipped unless SEG_WEBUI_URL is set.
+
+    SEG_WEBUI_URL=http://127.0.0.1:7860 pytest tests/api -v
+
+The WebUI must run with ``--api``. Settings (environment):
+
+- ``SEG_REFERENCE_DIR``: where SEG-off reference images live. Run the tier once against a WebUI *without*
+  the extension: it records them (every other test is skipped). Then, with the extension, "off" must
+  match them pixel for pixel.
+- ``SEG_SD15_CHECKPOINT`` / ``SEG_SDXL_CHECKPOINT``: checkpoint titles (as in /sdapi/v1/sd-models) for the
+  SD1.5 tests and the SDXL test (skipped when unset). ``SEG_INPAINT_CHECKPOINT``: an inpainting model.
+- ``SEG_STEPS`` (default 4) and ``SEG_SIZE`` (default 256) keep CPU runs short.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+URL = os.environ.get("SEG_WEBUI_URL", "").rstrip("/")
+pytestmark = [pytest.mark.webui, pytest.mark.skipif(not URL, reason="set SEG_WEBUI_URL to run the API tier")]
+
+TITLE = "Smoothed Energy Guidance"
+STEPS = int(os.environ.get("SEG_STEPS", "4"))
+SIZE = int(os.environ.get("SEG_SIZE", "256"))
+SD15 = os.environ.get("SEG_SD15_CHECKPOINT")
+SDXL = os.environ.get("SEG_SDXL_CHECKPOINT")
+INPAINT = os.environ.get("SEG_INPAINT_CHECKPOINT")
+REFERENCES = Path(os.environ.get("SEG_REFERENCE_DIR", "/tmp/seg-references"))
+SEG_KEYS = ("SEG Scale", "SEG Sigma", "SEG Layers", "SEG Start", "SEG End")
+
+
+def call(path: str, payload: dict[str, Any] | None = None, timeout: float = 900) -> tuple[int, Any]:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def generate(kind: str = "txt2img", seg: list[Any] | None = None, **fields: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "prompt": "a lighthouse on a cliff",
+        "negative_prompt": "blurry",
+        "seed": 1234,
+        "steps": STEPS,
+        "width": SIZE,
+        "height": SIZE,
+        "cfg_scale": 5,
+        "sampler_name": "Euler",
+        "override_settings": {"sd_model_checkpoint": SD15} if SD15 else {},
+        "override_settings_restore_afterwards": False,
+        **fields,
+    }
+    if seg is not None:
+        payload["alwayson_scripts"] = {TITLE: {"args": seg}}
+    status, body = call(f"/sdapi/v1/{kind}", payload)
+    assert status == 200, body
+    body["parsed_info"] = json.loads(body["info"])
+    return body
+
+
+def pixels(image_b64: str) -> bytes:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB").tobytes()
+
+
+def png_parameters(image_b64: str) -> str:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(image_b64))).info.get("parameters", "")
+
+
+def extension_loaded() -> bool:
+    status, scripts = call("/sdapi/v1/scripts")
+    assert status == 200
+    return TITLE.lower() in [name.lower() for name in scripts["txt2img"]]
+
+
+ON = [True, 3.0, "inf", "m0", 0.0, 1.0]
+OFF = [False, 3.0, "inf", "m0", 0.0, 1.0]
+CASES = {  # name -> request fields, shared by the reference run and the comparison
+    "txt2img": {},
+    "nonsquare": {"width": SIZE + 64, "height": SIZE - 64},
+    "batch2": {"batch_size": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def loaded() -> bool:
+    return extension_loaded()
+
+
+@pytest.fixture
+def with_extension(loaded: bool) -> None:
+    if not loaded:
+        pytest.skip("the WebUI runs without the extension (reference run)")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_off_matches_the_webui_without_the_extension(case: str, loaded: bool) -> None:
+    path = REFERENCES / f"{case}.json"
+    if not loaded:
+        body = generate(**CASES[case])
+        REFERENCES.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(body["images"]))
+        pytest.skip(f"recorded the reference {path}")
+    if not path.exists():
+        pytest.skip(f"no reference {path}: run this tier once against a WebUI without the extension")
+    body = generate(seg=OFF, **CASES[case])
+    reference = json.loads(path.read_text())
+    assert [pixels(i) for i in body["images"]] == [pixels(i) for i in reference]
+    assert not any(key in body["info"] for key in SEG_KEYS)
+
+
+def test_script_is_offered_on_both_tabs(with_extension: None) -> None:
+    status, scripts = call("/sdapi/v1/scripts")
+    assert status == 200
+    assert TITLE.lower() in [name.lower() for name in scripts["img2img"]]
+
+
+def test_on_differs_and_writes_infotext(with_extension: None) -> None:
+    off = generate(seg=OFF)
+    on = generate(seg=ON)
+    assert pixels(on["images"][0]) != pixels(off["images"][0])
+    text = png_parameters(on["images"][0])
+    for key in SEG_KEYS:
+        assert key in on["info"]
+        assert key in text
+    assert "SEG Sigma: inf" in text
+    assert not any(key in png_parameters(off["images"][0]) for key in SEG_KEYS)
+
+
+def test_named_object_form_equals_positional(with_extension: None) -> None:
+    positional = generate(seg=[True, 2.0, "4", "m0", 0.0, 1.0])
+    named = generate(seg=[{"enabled": True, "scale": 2, "blur_sigma": 4, "layers": "m0"}])
+    assert pixels(positional["images"][0]) == pixels(named["images"][0])
+
+
+def test_png_info_round_trip_and_infotext_field(with_extension: None) -> None:
+    on = generate(seg=[True, 2.5, "16", "m0", 0.0, 1.0])
+    status, info = call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + on["images"][0]})
+    assert status == 200
+    assert info["parameters"]["SEG Scale"] == "2.5"
+    assert info["parameters"]["SEG Sigma"] == "16.0"
+    # The API's infotext field restores SEG: same settings, same pixels.
+    again = generate(infotext=info["info"])
+    assert pixels(again["images"][0]) == pixels(on["images"][0])
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ([True, 99], "scale"),
+        ([True, 3, "-1"], "blur_sigma"),
+        ([True, 3, "inf", "q7"], "layers"),
+        ([{"enabled": True, "sigma": 2}], "sigma"),
+    ],
+)
+def test_invalid_arguments_answer_an_http_error_naming_the_field(with_extension: None, args: list, field: str) -> None:
+    status, body = call("/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "alwayson_scripts": {TITLE: {"args": args}}})
+    assert status == 422
+    assert field in body["detail"]
+
+
+@pytest.mark.parametrize("case", ["nonsquare", "batch2"])
+def test_other_shapes_and_batches(with_extension: None, case: str) -> None:
+    off = generate(seg=OFF, **CASES[case])
+    on = generate(seg=ON, **CASES[case])
+    assert len(on["images"]) == len(off["images"])
+    for a, b in zip(on["images"], off["images"], strict=True):
+        assert pixels(a) != pixels(b)
+    assert "SEG Scale" in on["info"]
+
+
+def test_hires_fix(with_extension: None) -> None:
+    hires = {
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "Latent",
+        "hr_second_pass_steps": 2,
+        "denoising_strength": 0.6,
+    }
+    off = generate(seg=OFF, **hires)
+    on = generate(seg=ON, **hires)
+    assert pixels(on["images"][0]) != pixels(off["images"][0])
+    assert on["parsed_info"]["width"] == off["parsed_info"]["width"]
+    assert "SEG Scale" in on["info"]
+
+
+def _init_image_and_mask() -> tuple[str, str, bytes]:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (SIZE, SIZE), (90, 140, 200))
+    ImageDraw.Draw(image).ellipse((40, 40, SIZE - 40, SIZE - 40), fill=(220, 180, 60))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    ImageDraw.Draw(mask).rectangle((SIZE // 4, SIZE // 4, 3 * SIZE // 4, 3 * SIZE // 4), fill=255)
+
+    def b64(img: Any) -> str:
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    return b64(image), b64(mask), mask.tobytes()
+
+
+def test_img2img(with_extension: None) -> None:
+    init, _, _ = _init_image_and_mask()
+    fields = {"init_images": [init], "denoising_strength": 0.75}
+    off = generate("img2img", seg=OFF, **fields)
+    on = generate("img2img", seg=ON, **fields)
+    assert pixels(on["images"][0]) != pixels(off["images"][0])
+    assert "SEG Scale" in on["info"]
+
+
+@pytest.mark.parametrize("checkpoint", [None, INPAINT])
+def test_inpaint_outside_mask_unchanged(with_extension: None, checkpoint: str | None) -> None:
+    if checkpoint is None and INPAINT is None and SD15 is None:
+        pytest.skip("no checkpoint configured")
+    init, mask, mask_bytes = _init_image_and_mask()
+    fields = {
+        "init_images": [init],
+        "mask": mask,
+        "mask_blur": 0,
+        "inpainting_fill": 1,
+        "denoising_strength": 0.9,
+        "inpaint_full_res": False,
+    }
+    if checkpoint:
+        fields["override_settings"] = {"sd_model_checkpoint": checkpoint}
+    off = generate("img2img", seg=OFF, **fields)
+    on = generate("img2img", seg=ON, **fields)
+    a, b = pixels(on["images"][0]), pixels(off["images"][0])
+    assert a != b
+    outside = [i for i, m in enumerate(mask_bytes) if m == 0]
+    assert all(a[3 * i : 3 * i + 3] == b[3 * i : 3 * i + 3] for i in outside)
+
+
+def test_sdxl(with_extension: None) -> None:
+    if not SDXL:
+        pytest.skip("set SEG_SDXL_CHECKPOINT")
+    fields = {"override_settings": {"sd_model_checkpoint": SDXL}}
+    off = generate(seg=OFF, **fields)
+    on = generate(seg=[True, 3.0, "inf", "m0.0-9", 0.0, 1.0], **fields)
+    assert pixels(on["images"][0]) != pixels(off["images"][0])
+    assert "SEG Layers: m0.0-9" in on["info"]
