@@ -37,6 +37,9 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
     def process(self, p: Any, *args: Any) -> None:
         ADAPTER.start(p, params_for_generation(p, args))
 
+    def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        ADAPTER.before_sampling(p)
+
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
         ADAPTER.finish(p)
 

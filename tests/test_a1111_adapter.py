@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from seg_lib.core.params import SegParams, to_infotext
-from seg_lib.host.a1111 import RUN_ATTRIBUTE, SegRun, on_cfg_denoiser
+from seg_lib.host.a1111 import SegRun
 from seg_lib.host.adapter import A1111Adapter, UnsupportedAdapter
+from seg_lib.host.run import RUN_ATTRIBUTE, on_cfg_denoiser
 from tests.reference_blur import map_to_tokens, per_dimension_blur, tokens_to_map
 from tests.standins import (
     CONTEXT,
@@ -352,6 +353,6 @@ def test_unsupported_host_says_so_and_drops_infotext(capsys):
     p = make_p()
     params = SegParams(enabled=True)
     p.extra_generation_params.update(to_infotext(params))
-    UnsupportedAdapter("forge").start(p, params)
+    UnsupportedAdapter("none").start(p, params)
     assert p.extra_generation_params == {}
-    assert "does not support this WebUI (forge)" in capsys.readouterr().out
+    assert "does not support this WebUI (none)" in capsys.readouterr().out

@@ -30,11 +30,8 @@ from seg_lib.core.blocks import LayerRef, UNetLayout, resolve_layers
 from seg_lib.core.blur import smooth_queries
 from seg_lib.core.grid import token_grid
 from seg_lib.core.guidance import cond_weights, in_step_window, seg_guidance
-from seg_lib.core.params import SegParams, to_infotext
+from seg_lib.host.run import Run
 from seg_lib.host.unet_layout import attn1_module, is_stock_unet, read_layout
-from seg_lib.log import log
-
-RUN_ATTRIBUTE = "seg_run"  # where a generation's SegRun lives on the processing object
 
 
 @dataclass
@@ -96,16 +93,12 @@ def match_host_padding(host: Host, denoiser: Any, text_cond: Any, text_uncond: A
 
 
 @dataclass
-class SegRun:
-    """One generation's SEG state. Lives on ``p`` (never on the Script), gone with the generation."""
+class SegRun(Run):
+    """One generation's SEG state on A1111."""
 
-    p: Any
-    params: SegParams
     host: Host = field(default_factory=Host)
-    failed: bool = False
     _stash: Any = None  # this step's CFGDenoiserParams: the host reads its inputs back from it too
     _targets: dict[int, _Targets | None] = field(default_factory=dict)
-    _said: set[str] = field(default_factory=set)
 
     # -- host callbacks -------------------------------------------------------------------------------
     def on_denoiser(self, params: Any) -> None:
@@ -153,7 +146,7 @@ class SegRun:
                 weights = cond_weights(conds_list, rows, dtype=result.dtype, device=result.device)
             return seg_guidance(result, x_out[:rows], cond_seg, self.params.scale, weights)
         except Exception as error:  # SEG must never break the user's generation
-            self._give_up(f"SEG failed and is off for the rest of this generation: {error!r}")
+            self.give_up(f"SEG failed and is off for the rest of this generation: {error!r}")
             return result
 
     def _extra_pass(self, denoiser: Any, stash: Any, rows: int) -> torch.Tensor | None:
@@ -170,7 +163,7 @@ class SegRun:
                 cond=make_condition(text_cond, stash.image_cond[:rows], self.host.conditioning_key()),
             )
         if blurred[0] == 0:
-            self._give_up("SEG: none of the selected layers could be smoothed (custom UNet or merged tokens)")
+            self.give_up("SEG: none of the selected layers could be smoothed (custom UNet or merged tokens)")
             return None
         return cond_seg
 
@@ -182,13 +175,13 @@ class SegRun:
 
     def _resolve(self, unet: nn.Module | None) -> _Targets | None:
         if unet is None or not is_stock_unet(unet):
-            self._give_up("SEG does not apply to this model (it has no SD/SDXL UNet); generating without SEG")
+            self.give_up("SEG does not apply to this model (it has no SD/SDXL UNet); generating without SEG")
             return None
         layout: UNetLayout = read_layout(unet)
         try:
             refs = resolve_layers(self.params.layers, layout)
         except ValueError as error:
-            self._give_up(f"SEG is off for this generation: {error}")
+            self.give_up(f"SEG is off for this generation: {error}")
             return None
         return _Targets([(ref, attn1_module(unet, ref)) for ref in refs])
 
@@ -218,23 +211,3 @@ class SegRun:
         finally:
             for handle in handles:
                 handle.remove()
-
-    # -- reporting --------------------------------------------------------------------------------------
-    def say_once(self, key: str, message: str) -> None:
-        if key not in self._said:
-            self._said.add(key)
-            log(message)
-
-    def _give_up(self, message: str) -> None:
-        """Stop SEG for the rest of this generation; its images must not claim SEG in their infotext."""
-        self.failed = True
-        self.say_once("give-up", message)
-        for key in to_infotext(self.params):
-            self.p.extra_generation_params.pop(key, None)
-
-
-def on_cfg_denoiser(params: Any) -> None:
-    """The one ``on_cfg_denoiser`` callback: hands the step to the generation's SegRun, if it has one."""
-    run = getattr(getattr(params.denoiser, "p", None), RUN_ATTRIBUTE, None)
-    if isinstance(run, SegRun):
-        run.on_denoiser(params)

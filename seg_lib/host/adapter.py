@@ -5,36 +5,61 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from seg_lib.core.params import SegParams, to_infotext
+from seg_lib.host.run import RUN_ATTRIBUTE, on_cfg_denoiser
 from seg_lib.log import log
 
 
 class Adapter(Protocol):
     def install_callbacks(self, callbacks: Any) -> None: ...
     def start(self, p: Any, params: SegParams) -> None: ...
+    def before_sampling(self, p: Any) -> None: ...
     def finish(self, p: Any) -> None: ...
 
 
 class A1111Adapter:
-    """AUTOMATIC1111: a SegRun on ``p`` and one ``on_cfg_denoiser`` callback (see ``host/a1111.py``)."""
+    """AUTOMATIC1111: a SegRun on ``p``, driven by ``on_cfg_denoiser`` (see ``host/a1111.py``)."""
 
     def install_callbacks(self, callbacks: Any) -> None:
-        from seg_lib.host.a1111 import on_cfg_denoiser
-
         callbacks.on_cfg_denoiser(on_cfg_denoiser, name="sd-webui-seg")
 
     def start(self, p: Any, params: SegParams) -> None:
-        from seg_lib.host.a1111 import RUN_ATTRIBUTE, SegRun
+        from seg_lib.host.a1111 import SegRun
 
         setattr(p, RUN_ATTRIBUTE, SegRun(p, params) if params.enabled else None)
 
-    def finish(self, p: Any) -> None:
-        from seg_lib.host.a1111 import RUN_ATTRIBUTE
+    def before_sampling(self, p: Any) -> None:
+        return None  # the denoiser callback finds the run at every step; nothing to set up per pass
 
+    def finish(self, p: Any) -> None:
+        setattr(p, RUN_ATTRIBUTE, None)
+
+
+class ForgeAdapter:
+    """Forge: a ForgeRun on ``p`` that patches each sampling pass's UNet (see ``host/forge.py``)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    def install_callbacks(self, callbacks: Any) -> None:
+        callbacks.on_cfg_denoiser(on_cfg_denoiser, name="sd-webui-seg")
+
+    def start(self, p: Any, params: SegParams) -> None:
+        from seg_lib.host.forge import ForgeHost, ForgeRun
+
+        run = ForgeRun(p, params, host=ForgeHost.load(self.host)) if params.enabled else None
+        setattr(p, RUN_ATTRIBUTE, run)
+
+    def before_sampling(self, p: Any) -> None:
+        run = getattr(p, RUN_ATTRIBUTE, None)
+        if run is not None:
+            run.patch(p)
+
+    def finish(self, p: Any) -> None:
         setattr(p, RUN_ATTRIBUTE, None)
 
 
 class UnsupportedAdapter:
-    """A host SEG cannot drive yet: say so once per generation and leave the generation alone."""
+    """No WebUI SEG can drive: say so once per generation and leave the generation alone."""
 
     def __init__(self, host: str) -> None:
         self.host = host
@@ -44,9 +69,12 @@ class UnsupportedAdapter:
 
     def start(self, p: Any, params: SegParams) -> None:
         if params.enabled:
-            log(f"SEG does not support this WebUI ({self.host}) yet; generating without SEG")
+            log(f"SEG does not support this WebUI ({self.host}); generating without SEG")
             for key in to_infotext(params):
                 p.extra_generation_params.pop(key, None)
+
+    def before_sampling(self, p: Any) -> None:
+        return None
 
     def finish(self, p: Any) -> None:
         return None
@@ -55,4 +83,6 @@ class UnsupportedAdapter:
 def adapter_for(host: str) -> Adapter:
     if host == "a1111":
         return A1111Adapter()
+    if host in ("forge", "forge-legacy"):
+        return ForgeAdapter(host)
     return UnsupportedAdapter(host)
