@@ -88,8 +88,8 @@ def test_result_is_cfg_plus_seg_term(layers, names, sigma):
     rig.run.patch(rig.p)
     result = rig.step()
     delta = rig.predict(rig.cond) - rig.predict(rig.cond, names=names, sigma=sigma)
-    assert delta.abs().max() > 1e-4  # ten times the tolerance below: the blur really acts
-    torch.testing.assert_close(result, rig.plain() + 3.0 * delta, rtol=1e-5, atol=1e-5)
+    assert delta.abs().max() > 3e-4  # ten times the tolerance below: the blur really acts
+    torch.testing.assert_close(result, rig.plain() + 3.0 * delta, rtol=1e-4, atol=3e-5)
     assert rig.model.calls == [2, 1]  # cond + uncond, then the cond-only extra call
 
 
