@@ -27,8 +27,6 @@ import torch
 from torch import nn
 
 from seg_lib.core.blocks import LayerRef, UNetLayout, resolve_layers
-from seg_lib.core.blur import smooth_queries
-from seg_lib.core.grid import token_grid
 from seg_lib.core.guidance import cond_weights, in_step_window, seg_guidance
 from seg_lib.host.run import Run
 from seg_lib.host.unet_layout import attn1_module, is_stock_unet, read_layout
@@ -188,20 +186,14 @@ class SegRun(Run):
     @contextlib.contextmanager
     def _smoothing(self, targets: _Targets, height: int, width: int, blurred: list[int]) -> Iterator[None]:
         """Forward hooks on each selected ``attn1.to_q`` for the duration of one extra UNet call."""
-        sigma = self.params.blur_sigma
 
         def hook_for(ref: LayerRef) -> Callable[..., torch.Tensor]:
             def smooth(_module: nn.Module, _args: object, q: torch.Tensor) -> torch.Tensor:
-                grid = token_grid(height, width, q.shape[1], ref.depth)
-                if grid is None:
-                    self.say_once(
-                        f"skip:{ref.part}{ref.index}",
-                        f"SEG: skipping {ref.part} block {ref.index}: its {q.shape[1]} tokens are not the "
-                        f"{height}x{width} latent's grid at that depth (token merging?)",
-                    )
+                smoothed = self.smoothed(ref, q, height, width)
+                if smoothed is None:
                     return q
                 blurred[0] += 1
-                return smooth_queries(q, grid[0], grid[1], sigma)
+                return smoothed
 
             return smooth
 

@@ -18,8 +18,6 @@ from typing import Any
 import torch
 
 from seg_lib.core.blocks import LayerRef, resolve_layers
-from seg_lib.core.blur import smooth_queries
-from seg_lib.core.grid import token_grid
 from seg_lib.core.guidance import in_step_window, seg_guidance
 from seg_lib.host.run import Run
 from seg_lib.host.unet_layout import is_stock_unet, read_layout
@@ -118,19 +116,12 @@ class ForgeRun(Run):
         return post_cfg
 
     def _attn1_patch(self, ref: LayerRef, counts: dict[str, int]) -> Any:
-        sigma = self.params.blur_sigma
 
         def attn1(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]) -> torch.Tensor:
             height, width = extra_options["original_shape"][-2:]
-            grid = token_grid(height, width, q.shape[1], ref.depth)
-            if grid is None:
-                self.say_once(
-                    f"skip:{ref.part}{ref.index}",
-                    f"SEG: skipping {ref.part} block {ref.index}: its {q.shape[1]} tokens are not the "
-                    f"{height}x{width} latent's grid at that depth (token merging?)",
-                )
-            else:
-                q = smooth_queries(q, grid[0], grid[1], sigma)
+            smoothed = self.smoothed(ref, q, height, width)
+            if smoothed is not None:
+                q = smoothed
                 counts["smoothed"] += 1
             return self.host.attention(q, k, v, extra_options["n_heads"])
 

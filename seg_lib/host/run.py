@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from seg_lib.core.blocks import LayerRef
+from seg_lib.core.blur import smooth_queries
+from seg_lib.core.grid import token_grid
 from seg_lib.core.params import SegParams, to_infotext
 from seg_lib.log import log
 
@@ -22,6 +27,19 @@ class Run:
 
     def on_denoiser(self, params: Any) -> None:
         """Called from ``on_cfg_denoiser`` at every step of this generation."""
+
+    def smoothed(self, ref: LayerRef, q: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
+        """The layer's queries blurred on its grid for a ``height x width`` latent, or None (with one line
+        per generation) when they do not lie on that grid, e.g. after token merging."""
+        grid = token_grid(height, width, q.shape[1], ref.depth)
+        if grid is None:
+            self.say_once(
+                f"skip:{ref.part}{ref.index}",
+                f"SEG: skipping {ref.part} block {ref.index}: its {q.shape[1]} tokens are not the "
+                f"{height}x{width} latent's grid at that depth (token merging?)",
+            )
+            return None
+        return smooth_queries(q, grid[0], grid[1], self.params.blur_sigma)
 
     def say_once(self, key: str, message: str) -> None:
         """One console line per generation for each kind of event."""
