@@ -1,0 +1,72 @@
+"""The AlwaysVisible script, loaded the way the WebUI loads it, against stand-in ``modules``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+
+from seg_lib.core.params import SegParams
+from seg_lib.host.run import RUN_ATTRIBUTE, on_cfg_denoiser
+from tests.standins import make_p
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "seg.py"
+
+
+@pytest.fixture
+def loaded(monkeypatch):
+    registered: dict[str, list] = {}
+
+    def register(kind):
+        return lambda callback, **_: registered.setdefault(kind, []).append(callback)
+
+    callbacks = ModuleType("modules.script_callbacks")
+    for kind in ("on_cfg_denoiser", "on_infotext_pasted", "on_before_ui", "on_app_started"):
+        setattr(callbacks, kind, register(kind))
+    scripts = ModuleType("modules.scripts")
+    scripts.Script = type("Script", (), {})
+    scripts.AlwaysVisible = object()
+    modules = ModuleType("modules")
+    modules.script_callbacks, modules.scripts = callbacks, scripts
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.script_callbacks", callbacks)
+    monkeypatch.setitem(sys.modules, "modules.scripts", scripts)
+    monkeypatch.setattr("seg_lib.host.HOST", "a1111")
+    spec = importlib.util.spec_from_file_location("seg.py", SCRIPT)  # as the WebUI's script loader does
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, registered, scripts
+
+
+def test_callbacks_registered_once_at_load(loaded):
+    _, registered, _ = loaded
+    assert registered["on_cfg_denoiser"] == [on_cfg_denoiser]
+    assert set(registered) == {"on_cfg_denoiser", "on_infotext_pasted", "on_before_ui", "on_app_started"}
+    assert all(len(found) == 1 for found in registered.values())
+
+
+def test_script_is_always_visible_and_keeps_no_state(loaded):
+    module, _, scripts = loaded
+    script = module.SmoothedEnergyGuidanceScript()
+    assert script.title() == "Smoothed Energy Guidance"
+    assert script.show(False) is scripts.AlwaysVisible
+    assert script.show(True) is scripts.AlwaysVisible
+    before = dict(vars(script))
+    p = make_p()
+    script.process(p, True, 2.0, "4", "m0", 0.0, 1.0)
+    assert getattr(p, RUN_ATTRIBUTE).params == SegParams(True, 2.0, 4.0, "m0", 0.0, 1.0)
+    assert p.extra_generation_params["SEG Scale"] == "2.0"
+    script.process_before_every_sampling(p, True, 2.0, "4", "m0", 0.0, 1.0)
+    script.postprocess(p, SimpleNamespace(), True, 2.0, "4", "m0", 0.0, 1.0)
+    assert getattr(p, RUN_ATTRIBUTE) is None
+    assert vars(script) == before  # nothing about the generation stayed on the Script
+
+
+def test_pasted_infotext_is_normalized(loaded):
+    _, registered, _ = loaded
+    fields = {"Steps": "20"}
+    registered["on_infotext_pasted"][0]("text", fields)
+    assert fields["SEG Scale"] == "False"
