@@ -25,8 +25,9 @@ def overrides(p: Any) -> dict[str, Any]:
 def _apply(param: Param) -> Any:
     def apply(p: Any, value: Any, _values: Any) -> None:
         set_override(p, param.name, value)
-        if param is not ENABLED:
-            set_override(p, ENABLED.name, True)  # an axis over a SEG setting means SEG on in that cell
+        # An axis over a SEG setting means SEG on in that cell, unless an "[SEG] Enabled" axis said otherwise.
+        if param is not ENABLED and ENABLED.name not in overrides(p):
+            set_override(p, ENABLED.name, True)
 
     return apply
 

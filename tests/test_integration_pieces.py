@@ -189,6 +189,14 @@ def test_xyz_axes_registered_once_in_table_order(monkeypatch):
     assert getattr(p, OVERRIDES_ATTRIBUTE) == {"blur_sigma": "inf", "enabled": True, "scale": 5.0}
     with pytest.raises(ValueError, match="blur sigma"):
         by_label["[SEG] Blur sigma"].confirm(p, ["1", "-3"])
+    # An explicit "[SEG] Enabled" value wins over the one a SEG setting axis implies, in either order.
+    for first, second in (("[SEG] Enabled", "[SEG] Blur sigma"), ("[SEG] Blur sigma", "[SEG] Enabled")):
+        cell = make_p()
+        by_label[first].apply(cell, "False" if first == "[SEG] Enabled" else "4", None)
+        by_label[second].apply(cell, "False" if second == "[SEG] Enabled" else "4", None)
+        assert getattr(cell, OVERRIDES_ATTRIBUTE) == {"enabled": "False", "blur_sigma": "4"}
+        assert not params_for_generation(cell, [True]).enabled
+        assert cell.extra_generation_params == {}
 
 
 # -- API guard -----------------------------------------------------------------------------------------------
