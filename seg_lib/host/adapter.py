@@ -20,7 +20,7 @@ class A1111Adapter:
     """AUTOMATIC1111: a SegRun on ``p``, driven by ``on_cfg_denoiser`` (see ``host/a1111.py``)."""
 
     def install_callbacks(self, callbacks: Any) -> None:
-        callbacks.on_cfg_denoiser(on_cfg_denoiser, name="sd-webui-seg")
+        callbacks.on_cfg_denoiser(on_cfg_denoiser)  # no name=: 1.8-era hosts do not take it
 
     def start(self, p: Any, params: SegParams) -> None:
         from seg_lib.host.a1111 import SegRun
@@ -41,7 +41,7 @@ class ForgeAdapter:
         self.host = host
 
     def install_callbacks(self, callbacks: Any) -> None:
-        callbacks.on_cfg_denoiser(on_cfg_denoiser, name="sd-webui-seg")
+        callbacks.on_cfg_denoiser(on_cfg_denoiser)  # no name=: 1.8-era hosts do not take it
 
     def start(self, p: Any, params: SegParams) -> None:
         from seg_lib.host.forge import ForgeHost, ForgeRun
