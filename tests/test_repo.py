@@ -14,8 +14,8 @@ def _readme_test_command() -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
     commands = [block for block in blocks if "pytest" in block]
-    assert len(commands) == 1, "README.md must give exactly one test command"
-    return commands[0].strip()
+    assert commands, "README.md must give the test command"
+    return commands[0].strip()  # the first one, at the top: the API tier's come later
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -21,7 +21,8 @@ def loaded(monkeypatch):
     registered: dict[str, list] = {}
 
     def register(kind):
-        return lambda callback, **_: registered.setdefault(kind, []).append(callback)
+        # Positional only, like the 1.8-era hosts (A1111 1.10 also takes name=).
+        return lambda callback: registered.setdefault(kind, []).append(callback)
 
     callbacks = ModuleType("modules.script_callbacks")
     for kind in ("on_cfg_denoiser", "on_infotext_pasted", "on_before_ui", "on_app_started"):
