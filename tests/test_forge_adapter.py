@@ -11,14 +11,13 @@ import torch
 from seg_lib.core.params import SegParams, to_infotext
 from seg_lib.host.forge import ForgeHost, ForgeRun, with_attn1_patches
 from seg_lib.host.run import RUN_ATTRIBUTE, on_cfg_denoiser
-from tests.standins import (
-    CONTEXT,
+from tests.standins import CONTEXT, make_p
+from tests.standins_forge import (
     ForgeModel,
     ForgeTinyUNet,
     UnetPatcher,
     calc_cond_uncond_batch,
     forge_attention,
-    make_p,
     sampling_function_inner,
 )
 from tests.test_a1111_adapter import reference_smoothing
