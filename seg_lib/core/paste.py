@@ -20,8 +20,6 @@ from seg_lib.core.params import (
     to_infotext,
 )
 
-LEGACY_KEYS = ("seg_enabled", "seg_scale", "seg_blur_sigma", "seg_block", "seg_block_id", "seg_block_list")
-
 
 def _legacy_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Our infotext keys, converted from the other extension's keys."""

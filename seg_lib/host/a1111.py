@@ -26,17 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from seg_lib.core.blocks import LayerRef, UNetLayout, resolve_layers
+from seg_lib.core.blocks import LayerRef
 from seg_lib.core.guidance import cond_weights, in_step_window, seg_guidance
 from seg_lib.host.run import Run
-from seg_lib.host.unet_layout import attn1_module, is_stock_unet, read_layout
+from seg_lib.host.unet_layout import attn1_module
 
-
-@dataclass
-class _Targets:
-    """The resolved attn1 layers of one loaded UNet."""
-
-    layers: list[tuple[LayerRef, nn.Module]]
+# The resolved attn1 layers of one loaded UNet, with their modules.
+_Targets = list[tuple[LayerRef, nn.Module]]
 
 
 def cond_rows(text_cond: Any) -> int:
@@ -172,16 +168,10 @@ class SegRun(Run):
         return self._targets[key]
 
     def _resolve(self, unet: nn.Module | None) -> _Targets | None:
-        if unet is None or not is_stock_unet(unet):
-            self.give_up("SEG does not apply to this model (it has no SD/SDXL UNet); generating without SEG")
+        refs = self.selected_layers(unet)
+        if refs is None:
             return None
-        layout: UNetLayout = read_layout(unet)
-        try:
-            refs = resolve_layers(self.params.layers, layout)
-        except ValueError as error:
-            self.give_up(f"SEG is off for this generation: {error}")
-            return None
-        return _Targets([(ref, attn1_module(unet, ref)) for ref in refs])
+        return [(ref, attn1_module(unet, ref)) for ref in refs]
 
     @contextlib.contextmanager
     def _smoothing(self, targets: _Targets, height: int, width: int, blurred: list[int]) -> Iterator[None]:
@@ -197,7 +187,7 @@ class SegRun(Run):
 
             return smooth
 
-        handles = [module.to_q.register_forward_hook(hook_for(ref)) for ref, module in targets.layers]
+        handles = [module.to_q.register_forward_hook(hook_for(ref)) for ref, module in targets]
         try:
             yield
         finally:

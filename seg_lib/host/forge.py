@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from seg_lib.core.blocks import LayerRef, resolve_layers
+from seg_lib.core.blocks import LayerRef
 from seg_lib.core.guidance import in_step_window, seg_guidance
 from seg_lib.host.run import Run
-from seg_lib.host.unet_layout import is_stock_unet, read_layout
 
 
 def with_attn1_patches(model_options: dict[str, Any], patches: dict[tuple[str, int, int], Any]) -> dict[str, Any]:
@@ -73,15 +72,8 @@ class ForgeRun(Run):
         objects = p.sd_model.forge_objects
         if self.failed or getattr(objects.unet, "seg_run", None) is self:
             return
-        diffusion_model = getattr(objects.unet.model, "diffusion_model", None)
-        if diffusion_model is None or not is_stock_unet(diffusion_model):
-            self.give_up("SEG does not apply to this model yet (it has no SD/SDXL UNet); generating without SEG")
-            return
-        layout = read_layout(diffusion_model)
-        try:
-            refs = resolve_layers(self.params.layers, layout)
-        except ValueError as error:
-            self.give_up(f"SEG is off for this generation: {error}")
+        refs = self.selected_layers(getattr(objects.unet.model, "diffusion_model", None))
+        if refs is None:
             return
         unet = objects.unet.clone()
         unet.set_model_sampler_post_cfg_function(self._post_cfg_function(refs))

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
-from seg_lib.core.blocks import LayerRef
+from seg_lib.core.blocks import LayerRef, resolve_layers
 from seg_lib.core.blur import smooth_queries
 from seg_lib.core.grid import token_grid
 from seg_lib.core.params import SegParams, to_infotext
+from seg_lib.host.unet_layout import is_stock_unet, read_layout
 from seg_lib.log import log
 
 RUN_ATTRIBUTE = "seg_run"  # a generation's run lives on its processing object, never on the Script
@@ -27,6 +28,18 @@ class Run:
 
     def on_denoiser(self, params: Any) -> None:
         """Called from ``on_cfg_denoiser`` at every step of this generation."""
+
+    def selected_layers(self, unet: Any) -> tuple[LayerRef, ...] | None:
+        """The attn1 layers the settings pick in this UNet, or None (SEG given up, one line) when the model
+        has no SD/SDXL UNet or lacks a selected block."""
+        if unet is None or not is_stock_unet(unet):
+            self.give_up("SEG does not apply to this model yet (it has no SD/SDXL UNet); generating without SEG")
+            return None
+        try:
+            return resolve_layers(self.params.layers, read_layout(unet))
+        except ValueError as error:
+            self.give_up(f"SEG is off for this generation: {error}")
+            return None
 
     def smoothed(self, ref: LayerRef, q: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
         """The layer's queries blurred on its grid for a ``height x width`` latent, or None (with one line
