@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules import script_callbacks, scripts
+from modules import script_callbacks, scripts, shared
 
-from seg_lib import api, ui, xyz
+from seg_lib import api, settings, ui, xyz
 from seg_lib.core.paste import normalize_pasted
 from seg_lib.generation import params_for_generation
 from seg_lib.host import HOST
@@ -50,6 +50,7 @@ def _on_infotext_pasted(_infotext: str, fields: dict[str, Any]) -> None:
 
 
 ADAPTER.install_callbacks(script_callbacks)
+settings.register(shared)  # at import, not on_ui_settings: an API-only WebUI never builds the settings page
 script_callbacks.on_infotext_pasted(_on_infotext_pasted)
 script_callbacks.on_before_ui(xyz.register_axes)
 script_callbacks.on_app_started(lambda _demo, app: api.install(app, ui.TITLE))

@@ -1,10 +1,13 @@
 """Benchmark a running WebUI: the per-step cost of SEG, measured over its API with paired requests.
 
     python -m seg_lib.bench_webui --url http://127.0.0.1:7860 [--size 512] [--checkpoint NAME] [--reps 2]
+                                  [--layers m0] [--sigma inf]
 
-For each mode (SEG off, SEG on) it generates at two step counts and takes the difference, so that model
-loading, text encoding and VAE decoding cancel out: per-step time = (t(long) - t(short)) / (long - short).
-Requests of both modes are interleaved, same seed and size, and the medians are reported with their ratio.
+Three modes, same seed, size and sampler: SEG off; SEG with the separate extra UNet pass (the fast SEG
+setting off, through ``override_settings``); SEG on the fast path (A1111: forked inside the host's UNet call;
+Forge: in the same batch). For each mode it generates at two step counts and takes the difference, so that
+model loading, text encoding and VAE decoding cancel out: per-step time = (t(long) - t(short)) / (long -
+short). The modes' requests are interleaved within each repetition; medians are reported with their ratios.
 """
 
 from __future__ import annotations
@@ -17,10 +20,8 @@ import urllib.request
 from typing import Any
 
 TITLE = "Smoothed Energy Guidance"
-MODES: dict[str, list[Any] | None] = {
-    "SEG off": [False],
-    "SEG on (mid block, sigma inf)": [True, 3.0, "inf", "m0", 0.0, 1.0],
-}
+FAST_PATH = "seg_fast_path"
+OFF, SEPARATE, FAST = "SEG off", "SEG, separate extra pass", "SEG, fast path"
 
 
 def _post(url: str, payload: dict[str, Any]) -> float:
@@ -33,8 +34,14 @@ def _post(url: str, payload: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure(url: str, size: int, checkpoint: str | None, reps: int, short: int, long: int) -> dict[str, float]:
-    def payload(seg: list[Any] | None, steps: int) -> dict[str, Any]:
+def measure(
+    url: str, size: int, checkpoint: str | None, reps: int, short: int, long: int, layers: str, sigma: str
+) -> dict[str, float]:
+    seg_on = [True, 3.0, sigma, layers, 0.0, 1.0]
+    modes: dict[str, tuple[list[Any], bool]] = {OFF: ([False], True), SEPARATE: (seg_on, False), FAST: (seg_on, True)}
+
+    def payload(mode: str, steps: int) -> dict[str, Any]:
+        seg, fast = modes[mode]
         body: dict[str, Any] = {
             "prompt": "a lighthouse on a cliff at dusk",
             "seed": 7,
@@ -46,17 +53,20 @@ def measure(url: str, size: int, checkpoint: str | None, reps: int, short: int, 
             "save_images": False,
             "send_images": False,
             "alwayson_scripts": {TITLE: {"args": seg}},
+            "override_settings": {FAST_PATH: fast},
+            "override_settings_restore_afterwards": True,
         }
         if checkpoint:
-            body["override_settings"] = {"sd_model_checkpoint": checkpoint}
+            body["override_settings"]["sd_model_checkpoint"] = checkpoint
         return body
 
-    _post(url, payload(MODES["SEG on (mid block, sigma inf)"], short))  # warm-up (model load, caches)
-    per_step: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for mode in modes:  # warm-up (model load, caches, first-call allocations)
+        _post(url, payload(mode, short))
+    per_step: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(reps):
-        for mode, seg in MODES.items():
-            t_short = _post(url, payload(seg, short))
-            t_long = _post(url, payload(seg, long))
+        for mode in modes:
+            t_short = _post(url, payload(mode, short))
+            t_long = _post(url, payload(mode, long))
             per_step[mode].append((t_long - t_short) / (long - short))
     return {mode: statistics.median(values) for mode, values in per_step.items()}
 
@@ -69,14 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--short", type=int, default=2, help="steps of the short request")
     parser.add_argument("--long", type=int, default=6, help="steps of the long request")
+    parser.add_argument("--layers", default="m0", help="SEG layers (default: the middle block)")
+    parser.add_argument("--sigma", default="inf", help="SEG blur sigma")
     args = parser.parse_args(argv)
-    results = measure(args.url.rstrip("/"), args.size, args.checkpoint, args.reps, args.short, args.long)
-    base = results["SEG off"]
-    print(f"{args.size}x{args.size}, Euler, CFG 5, checkpoint {args.checkpoint or '(loaded)'}, {args.reps} reps\n")
-    print("| mode | s per step | ratio to SEG off |")
-    print("|---|---|---|")
+    results = measure(
+        args.url.rstrip("/"), args.size, args.checkpoint, args.reps, args.short, args.long, args.layers, args.sigma
+    )
+    base = results[OFF]
+    print(
+        f"{args.size}x{args.size}, Euler, CFG 5, layers {args.layers}, sigma {args.sigma}, checkpoint "
+        f"{args.checkpoint or '(loaded)'}, steps {args.short} vs {args.long}, {args.reps} reps\n"
+    )
+    print("| mode | s per step | ratio to SEG off | ratio to the separate pass |")
+    print("|---|---|---|---|")
     for mode, seconds in results.items():
-        print(f"| {mode} | {seconds:.2f} | {seconds / base:.2f}x |")
+        print(f"| {mode} | {seconds:.2f} | {seconds / base:.2f}x | {seconds / results[SEPARATE]:.2f}x |")
 
 
 if __name__ == "__main__":

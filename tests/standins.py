@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -89,49 +90,88 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(x, size=size, mode="nearest")
+    """ldm's Upsample: nearest x2 then a conv; odd sizes are mended by the host's ``th.cat``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(WIDTH, WIDTH, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-class Sequence(nn.ModuleList):
-    """``TimestepEmbedSequential``: runs its layers, passing emb / context / the skip size as needed."""
+class Sequence(nn.Sequential):
+    """``TimestepEmbedSequential``: each layer gets emb or context when it takes one."""
 
-    def run(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, size: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
-            elif isinstance(layer, Upsample):
-                x = layer(x, size)
             else:
                 x = layer(x)
         return x
 
 
-class TinyUNet(nn.Module):
-    """Depths: input 1 (depth 0), input 3 (depth 1), middle (depth 2), output 0 (2), 2 (1), 4 (0)."""
+class _TorchHijackForUnet:
+    """A1111's ``sd_hijack_unet.th``: torch, with a ``cat`` that resizes the first of two maps to the second's
+    size (so latents need only be multiples of 8); A1111 installs it as ``openaimodel.th``."""
 
-    def __init__(self, in_channels: int = 4, depth: int = 2) -> None:
+    def __getattr__(self, item: str) -> Any:
+        return getattr(torch, item)
+
+    def cat(self, tensors: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(tensors) == 2 and tensors[0].shape[-2:] != tensors[1].shape[-2:]:
+            tensors = (F.interpolate(tensors[0], tensors[1].shape[-2:], mode="nearest"), tensors[1])
+        return torch.cat(tensors, *args, **kwargs)
+
+
+th = _TorchHijackForUnet()  # read by TinyUNet.forward from this module's globals, as ldm's forward reads its own
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False):
+    """Sinusoidal embedding of (possibly fractional) timesteps, ``[N, dim]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half) / half)
+    args = timesteps.to(freqs.dtype)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TinyUNet(nn.Module):
+    """The ldm/sgm ``UNetModel`` at toy width: the same attributes SEG reads (``model_channels``,
+    ``time_embed``, ``num_classes``/``label_emb``, ``dtype``, ``predict_codebook_ids``, the three block lists,
+    ``out``) and a ``forward`` with the stock body (module-level ``th`` and ``timestep_embedding``).
+
+    Depths: input 1 (depth 0), input 3 (depth 1), middle (depth 2), output 0 (2), 2 (1), 4 (0).
+    ``adm_in`` makes it class-conditional the SDXL way (``y`` is a vector per row)."""
+
+    def __init__(self, in_channels: int = 4, depth: int = 2, adm_in: int | None = None) -> None:
         super().__init__()
-        self.time = nn.Linear(1, WIDTH)
+        self.model_channels = WIDTH
+        self.dtype = torch.get_default_dtype()
+        self.predict_codebook_ids = False
+        self.time_embed = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.SiLU(), nn.Linear(WIDTH, WIDTH))
+        self.num_classes = None if adm_in is None else "sequential"
+        if adm_in is not None:
+            self.label_emb = nn.Sequential(nn.Linear(adm_in, WIDTH))
         self.input_blocks = nn.ModuleList(
             [
-                Sequence([nn.Conv2d(in_channels, WIDTH, 3, padding=1)]),
-                Sequence([ResBlock(WIDTH), SpatialTransformer(WIDTH, depth)]),
-                Sequence([Downsample()]),
-                Sequence([ResBlock(WIDTH), SpatialTransformer(WIDTH, depth)]),
-                Sequence([Downsample()]),
+                Sequence(nn.Conv2d(in_channels, WIDTH, 3, padding=1)),
+                Sequence(ResBlock(WIDTH), SpatialTransformer(WIDTH, depth)),
+                Sequence(Downsample()),
+                Sequence(ResBlock(WIDTH), SpatialTransformer(WIDTH, depth)),
+                Sequence(Downsample()),
             ]
         )
-        self.middle_block = Sequence([ResBlock(WIDTH), SpatialTransformer(WIDTH, depth), ResBlock(WIDTH)])
+        self.middle_block = Sequence(ResBlock(WIDTH), SpatialTransformer(WIDTH, depth), ResBlock(WIDTH))
         self.output_blocks = nn.ModuleList(
             [
-                Sequence([ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth), Upsample()]),
-                Sequence([ResBlock(2 * WIDTH)]),
-                Sequence([ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth), Upsample()]),
-                Sequence([ResBlock(2 * WIDTH)]),
-                Sequence([ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth)]),
+                Sequence(ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth), Upsample()),
+                Sequence(ResBlock(2 * WIDTH)),
+                Sequence(ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth), Upsample()),
+                Sequence(ResBlock(2 * WIDTH)),
+                Sequence(ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth)),
             ]
         )
         self.out = nn.Conv2d(WIDTH, 4, 3, padding=1)
@@ -142,19 +182,21 @@ class TinyUNet(nn.Module):
                     module.attn1.to_k.weight.mul_(6.0)
                     module.attn1.to_v.weight.mul_(3.0)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        emb = torch.tanh(self.time(timesteps.reshape(-1, 1).float()))
-        skips = []
-        h = x
-        for block in self.input_blocks:
-            h = block.run(h, emb, context)
-            skips.append(h)
-        h = self.middle_block.run(h, emb, context)
-        for block in self.output_blocks:
-            skip = skips.pop()
-            h = torch.cat([h, skip], dim=1)
-            target = skips[-1].shape[-2:] if skips else None
-            h = block.run(h, emb, context, target)
+    def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
+        hs = []
+        t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False)
+        emb = self.time_embed(t_emb)
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for module in self.output_blocks:
+            h = th.cat([h, hs.pop()], dim=1)
+            h = module(h, emb, context)
+        h = h.type(x.dtype)
         return self.out(h)
 
 
@@ -169,22 +211,27 @@ def make_sd_model(unet: nn.Module, conditioning_key: str = "crossattn") -> Laten
     return LatentDiffusion(SimpleNamespace(diffusion_model=unet, conditioning_key=conditioning_key))
 
 
-class KDiffusionWrapper:
-    """``CompVisDenoiser``-like: returns denoised x0 = x - sigma * eps; ``calls`` counts the UNet calls."""
+class KDiffusionWrapper(nn.Module):
+    """``CompVisDenoiser``-like (an ``nn.Module``, as k-diffusion's are): scales the input by
+    ``c_in = 1 / sqrt(sigma^2 + 1)``, calls the UNet (``c_adm``/``vector`` as ``y``), returns denoised
+    ``x - sigma * eps``; ``calls`` counts the UNet calls by their row count."""
 
     def __init__(self, sd_model: LatentDiffusion) -> None:
+        super().__init__()
         self.sd_model = sd_model
         self.calls: list[int] = []
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         self.calls.append(x.shape[0])
         unet = self.sd_model.model.diffusion_model
         context = cond["crossattn"] if "crossattn" in cond else cond["c_crossattn"][0]
         concat = cond.get("c_concat", [None])[0]
-        x_unet = x
+        c_in = (sigma**2 + 1) ** -0.5
+        x_unet = x * c_in[:, None, None, None]
         if concat is not None and concat.shape[-2:] == x.shape[-2:]:  # inpainting models: 9 channels
-            x_unet = torch.cat([x, concat], dim=1)
-        eps = unet(x_unet, sigma, context)
+            x_unet = torch.cat([x_unet, concat], dim=1)
+        y = cond.get("vector", cond.get("c_adm"))
+        eps = unet(x_unet, sigma, context=context, y=y)
         return x - sigma[:, None, None, None] * eps
 
 
@@ -236,6 +283,7 @@ class Denoiser:
         steps: int = 1,
         skip_uncond: bool = False,
         edit: bool = False,
+        batch_cond_uncond: bool = True,
     ) -> torch.Tensor:
         conds_list, tensor = reconstruct(conds)
         batch_size = len(conds_list)
@@ -273,7 +321,15 @@ class Denoiser:
         def condition(c: torch.Tensor, ic: torch.Tensor) -> dict[str, Any]:
             return {"c_crossattn": [c], "c_concat": [ic]}
 
-        x_out = self.inner_model(x_in, sigma_in, cond=condition(cond_in, image_cond_in[: x_in.shape[0]]))
+        if batch_cond_uncond:
+            x_out = self.inner_model(x_in, sigma_in, cond=condition(cond_in, image_cond_in[: x_in.shape[0]]))
+        else:  # the host's loop when "batch cond/uncond" is off: batch_size rows per call
+            x_out = torch.zeros_like(x_in)
+            for a in range(0, x_out.shape[0], batch_size):
+                b = a + batch_size
+                x_out[a:b] = self.inner_model(
+                    x_in[a:b], sigma_in[a:b], cond=condition(cond_in[a:b], image_cond_in[a:b])
+                )
         if skip_uncond:
             x_out = torch.cat([x_out, torch.cat([x_out[c[0][0] : c[0][0] + 1] for c in conds_list])])
         if edit:
@@ -294,6 +350,13 @@ class FakeHost:
     def __init__(self, sd_model: LatentDiffusion, **opts: Any) -> None:
         self.sd_model = sd_model
         self._opts = SimpleNamespace(pad_cond_uncond=False, pad_cond_uncond_v0=False, **opts)
+        self.custom_unet = False
+
+    def stock_forwards(self) -> dict[Any, bool]:
+        return {TinyUNet.forward: True}
+
+    def custom_unet_active(self) -> bool:
+        return self.custom_unet
 
     def unet(self) -> nn.Module | None:
         return getattr(self.sd_model.model, "diffusion_model", None)

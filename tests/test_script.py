@@ -30,9 +30,17 @@ def loaded(monkeypatch):
     scripts = ModuleType("modules.scripts")
     scripts.Script = type("Script", (), {})
     scripts.AlwaysVisible = object()
+    shared = ModuleType("modules.shared")
+    shared.OptionInfo = lambda default, label, section: SimpleNamespace(default=default, label=label, section=section)
+    shared.opts = SimpleNamespace(data_labels={}, data={})
+    shared.opts.add_option = lambda key, info: (
+        shared.opts.data_labels.__setitem__(key, info),
+        shared.opts.data.setdefault(key, info.default),
+    )
     modules = ModuleType("modules")
-    modules.script_callbacks, modules.scripts = callbacks, scripts
+    modules.script_callbacks, modules.scripts, modules.shared = callbacks, scripts, shared
     monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.shared", shared)
     monkeypatch.setitem(sys.modules, "modules.script_callbacks", callbacks)
     monkeypatch.setitem(sys.modules, "modules.scripts", scripts)
     monkeypatch.setattr("seg_lib.host.HOST", "a1111")
@@ -40,6 +48,15 @@ def loaded(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module, registered, scripts
+
+
+def test_the_fast_path_setting_is_registered_at_load(loaded):
+    """Registered at import: an API-only WebUI never builds the settings page, yet takes override_settings."""
+    shared = sys.modules["modules.shared"]
+    info = shared.opts.data_labels["seg_fast_path"]
+    assert info.default is True
+    assert info.section == ("seg", "Smoothed Energy Guidance")
+    assert shared.opts.data["seg_fast_path"] is True
 
 
 def test_callbacks_registered_once_at_load(loaded):

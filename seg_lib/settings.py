@@ -1,0 +1,23 @@
+"""The extension's one WebUI setting (Settings > Smoothed Energy Guidance), also settable per API request
+through ``override_settings``. It changes speed, never the method: both paths give the same guidance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+FAST_PATH = "seg_fast_path"
+SECTION = ("seg", "Smoothed Energy Guidance")
+FAST_PATH_LABEL = (
+    "Fast SEG: compute the smoothed branch inside the host's own UNet call (A1111: forked from the "
+    "conditional branch at the first SEG layer; Forge: in the same batch). Off: a separate extra UNet call."
+)
+
+
+def fast_path_enabled(opts: Any) -> bool:
+    """Whether the fast path is wanted (the default, also when the host has no such option yet)."""
+    return bool(getattr(opts, FAST_PATH, True))
+
+
+def register(shared: Any) -> None:
+    """``on_ui_settings``: add the option to the host's settings page."""
+    shared.opts.add_option(FAST_PATH, shared.OptionInfo(True, FAST_PATH_LABEL, section=SECTION))
