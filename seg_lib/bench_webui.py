@@ -19,8 +19,9 @@ import time
 import urllib.request
 from typing import Any
 
-TITLE = "Smoothed Energy Guidance"
-FAST_PATH = "seg_fast_path"
+from seg_lib.settings import FAST_PATH
+from seg_lib.ui import TITLE
+
 OFF, SEPARATE, FAST = "SEG off", "SEG, separate extra pass", "SEG, fast path"
 
 

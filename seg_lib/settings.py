@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from seg_lib.ui import TITLE
+
 FAST_PATH = "seg_fast_path"
-SECTION = ("seg", "Smoothed Energy Guidance")
+SECTION = ("seg", TITLE)
 FAST_PATH_LABEL = (
     "Fast SEG: compute the smoothed branch inside the host's own UNet call (A1111: forked from the "
     "conditional branch at the first SEG layer; Forge: in the same batch). Off: a separate extra UNet call."
@@ -19,5 +21,5 @@ def fast_path_enabled(opts: Any) -> bool:
 
 
 def register(shared: Any) -> None:
-    """``on_ui_settings``: add the option to the host's settings page."""
+    """Add the option to the host's options (and so to its settings page); called when the script loads."""
     shared.opts.add_option(FAST_PATH, shared.OptionInfo(True, FAST_PATH_LABEL, section=SECTION))

@@ -15,7 +15,7 @@ import torch
 import seg_lib.host.a1111 as a1111
 from seg_lib.core.blocks import SD1_LAYOUT, resolve_layers
 from seg_lib.core.params import SegParams
-from seg_lib.host.fork import StockForward, first_block, forked_forward, stock_forward
+from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
 from seg_lib.host.unet_layout import read_layout
 from tests import standins
 from tests.standins import CONTEXT, TinyUNet
@@ -279,10 +279,10 @@ def test_a_model_without_label_embedding_is_fine_with_y_none():
 
 def test_row_copies_of_the_hosts_call_arguments():
     cond = {"c_crossattn": [torch.arange(6.0).reshape(3, 2)], "c_concat": [torch.zeros(3, 5, 1, 1)]}
-    copied = a1111.with_row_copies((torch.arange(3.0), cond), 3, 2)
+    copied = with_row_copies((torch.arange(3.0), cond), 3, 2)
     assert torch.equal(copied[0], torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0]))
     assert torch.equal(copied[1]["c_crossattn"][0][3:], cond["c_crossattn"][0][:2])
     assert copied[1]["c_concat"][0].shape == (5, 5, 1, 1)
     for bad in ({"flag": "yes"}, torch.zeros(2, 4), torch.tensor(1.0)):
-        with pytest.raises(a1111._NotRows):
-            a1111.with_row_copies(bad, 3, 2)
+        with pytest.raises(NotRows):
+            with_row_copies(bad, 3, 2)

@@ -33,7 +33,7 @@ from torch import nn
 
 from seg_lib.core.blocks import LayerRef
 from seg_lib.core.guidance import cond_weights, in_step_window, seg_guidance
-from seg_lib.host.fork import StockForward, first_block, forked_forward, stock_forward
+from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
 from seg_lib.host.run import Run
 from seg_lib.host.unet_layout import attn1_module
 from seg_lib.settings import fast_path_enabled
@@ -113,24 +113,6 @@ def match_host_padding(host: Host, denoiser: Any, text_cond: Any, text_uncond: A
     if getattr(opts, "pad_cond_uncond", False):
         return denoiser.pad_cond_uncond(text_cond, text_uncond)[0]
     return text_cond
-
-
-class _NotRows(ValueError):
-    """A model-call argument that is not laid out one row per batch entry."""
-
-
-def with_row_copies(value: Any, batch: int, rows: int) -> Any:
-    """``value`` (a tensor, or lists/dicts of them, one row per batch entry) with copies of its first
-    ``rows`` rows appended."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim == 0 or value.shape[0] != batch:
-            raise _NotRows(f"a tensor of shape {tuple(value.shape)} in a batch of {batch}")
-        return torch.cat([value, value[:rows]])
-    if isinstance(value, list | tuple):
-        return type(value)(with_row_copies(item, batch, rows) for item in value)
-    if isinstance(value, dict):
-        return {key: with_row_copies(item, batch, rows) for key, item in value.items()}
-    raise _NotRows(f"a {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -222,7 +204,7 @@ class SegRun(Run):
         try:
             more_args = with_row_copies(args, batch, fork.rows)
             more_kwargs = with_row_copies(kwargs, batch, fork.rows)
-        except _NotRows as error:
+        except NotRows as error:
             self._planned = False
             self._plain_path(f"the model call has {error}")
             return plain(*args, **kwargs)

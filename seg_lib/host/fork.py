@@ -63,10 +63,22 @@ def stock_forward(unet: nn.Module, stock: Mapping[Callable[..., Any], bool]) -> 
     return StockForward(namespace, stock[forward])
 
 
-def _with_copies(tensor: torch.Tensor | None, rows: int) -> torch.Tensor | None:
-    if tensor is None:
-        return None
-    return torch.cat([tensor, tensor[:rows]])
+class NotRows(ValueError):
+    """A model-call argument that is not laid out one row per batch entry."""
+
+
+def with_row_copies(value: Any, batch: int, rows: int) -> Any:
+    """``value`` (a tensor, or lists/dicts of them, one row per batch entry) with copies of its first
+    ``rows`` rows appended."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 or value.shape[0] != batch:
+            raise NotRows(f"a tensor of shape {tuple(value.shape)} in a batch of {batch}")
+        return torch.cat([value, value[:rows]])
+    if isinstance(value, list | tuple):
+        return type(value)(with_row_copies(item, batch, rows) for item in value)
+    if isinstance(value, dict):
+        return {key: with_row_copies(item, batch, rows) for key, item in value.items()}
+    raise NotRows(f"a {type(value).__name__}")
 
 
 def forked_forward(
@@ -96,7 +108,8 @@ def forked_forward(
 
     def fork() -> None:
         nonlocal h, emb, context, forked
-        h, emb, context = _with_copies(h, rows), _with_copies(emb, rows), _with_copies(context, rows)
+        h, emb = with_row_copies(h, host, rows), with_row_copies(emb, host, rows)
+        context = None if context is None else with_row_copies(context, host, rows)
         forked = True
 
     skips = []
@@ -113,7 +126,7 @@ def forked_forward(
             fork()
         skip = skips.pop()
         if forked and skip.shape[0] == host:  # made before the fork: copied when consumed, one at a time
-            skip = _with_copies(skip, rows)
+            skip = with_row_copies(skip, host, rows)
         h = cat([h, skip], dim=1)
         h = module(h, emb, context)
     return unet.out(h.type(x.dtype))
