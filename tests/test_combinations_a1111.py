@@ -246,3 +246,26 @@ def test_separate_pass_sees_the_same_wrapper_as_the_host(capsys):
     assert calls == [4, 2]
     assert rig.inner.forward is other
     assert isinstance(rig.inner, KDiffusionWrapper)
+
+
+def test_controlnet_reference_unit_turns_seg_off_with_one_line(capsys):
+    """With ControlNet's forward active and its attention hacks installed (a reference unit), no extra pass
+    can see the attention state the cond rows saw: SEG says so once and the image is made without it."""
+    rig = Rig(SegParams(enabled=True))
+    controlnet_hook.hook_unet(rig.unet)
+    for block in _transformer(rig.unet, "middle", 0).transformer_blocks:
+        controlnet_hook.install(block, controlnet_hook.AutoMachine.Read)
+    first, second = rig.step(), rig.step()
+    assert torch.equal(first, rig.plain())
+    assert torch.equal(second, rig.plain())
+    assert rig.inner.calls == [4, 4]  # the host's calls only
+    out = capsys.readouterr().out
+    assert out.count("SEG is off for this generation: a ControlNet reference unit") == 1
+    assert rig.p.extra_generation_params == {}  # the image does not claim SEG
+
+
+def test_controlnet_unit_without_reference_keeps_seg():
+    rig = Rig(SegParams(enabled=True))
+    controlnet_hook.hook_unet(rig.unet)
+    torch.testing.assert_close(rig.step(), expected(rig, ["m0"]), rtol=1e-9, atol=1e-9)
+    assert rig.inner.calls == [4, 2]

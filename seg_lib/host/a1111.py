@@ -34,7 +34,7 @@ from torch import nn
 
 from seg_lib.core.blocks import LayerRef
 from seg_lib.core.guidance import cond_weights, in_step_window, seg_guidance
-from seg_lib.host.a1111_others import fork_blocker
+from seg_lib.host.a1111_others import fork_blocker, seg_blocker
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
 from seg_lib.host.run import Run
 from seg_lib.host.unet_layout import attn1_module, spatial_transformer
@@ -188,6 +188,10 @@ class SegRun(Run):
         if self.failed or not in_step_window(
             params.sampling_step, params.total_sampling_steps, self.params.start, self.params.end
         ):
+            return
+        blocker = seg_blocker(self.host.unet()) if self.host.unet() is not None else None
+        if blocker is not None:
+            self.give_up(f"SEG is off for this generation: {blocker}")
             return
         self._wrap_combine(params.denoiser)
         self._stash, self._call_state = params, self.host.call_state()
