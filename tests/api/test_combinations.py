@@ -60,6 +60,7 @@ class Host:
         self.scripts = {(s["name"], s["is_img2img"]): s for s in info}
         status, samplers = call("/sdapi/v1/samplers")
         self.samplers = {s["name"] for s in samplers} if status == 200 else set()
+        self.is_forge = ("never oom integrated", False) in self.scripts  # a Forge built-in
         status, models = call("/controlnet/model_list")
         self.controlnet_models = models.get("model_list", []) if status == 200 else None
 
@@ -213,11 +214,21 @@ def request(host: Host, name: str, seg: dict[str, Any] | None, fast: bool = True
     return images[: fields.get("batch_size", 1)]
 
 
+# Where SEG says it cannot run and makes the image without its term (one console line): sd-webui-controlnet's
+# reference units keep attention state that no extra pass can share (A1111 only; Forge's Reference works).
+SEG_SKIPS_ON_A1111 = {"controlnet_reference", "controlnet_two_units_batch2"}
+
+
 @pytest.mark.parametrize("name", list(COMBINATIONS))
 def test_combination_keeps_the_image_and_the_fast_path_is_exact(host: Host, name: str) -> None:
     off = request(host, name, {"enabled": False})
     fast = request(host, name, SEG_ON, fast=True)
     separate = request(host, name, SEG_ON, fast=False)
+    if name in SEG_SKIPS_ON_A1111 and not host.is_forge:
+        for a, b, c in zip(fast, separate, off, strict=True):
+            assert torch.equal(a, c), "SEG skipped: the image is the one without SEG"
+            assert torch.equal(b, c), "SEG skipped: the image is the one without SEG"
+        return
     for a, b, c in zip(fast, separate, off, strict=True):
         apart, moved = int((a - b).abs().max()), float((a - c).abs().float().mean())
         print(f"{name}: fast vs separate max {apart}/255; on vs off mean {moved:.2f}/255")
