@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from seg_lib.core.params import PARAMS, params_from_args
+from seg_lib.core.paste import imported_infotext
+from seg_lib.log import log
 from seg_lib.names import ALIAS, TITLE
 
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
@@ -41,6 +43,21 @@ def _entry_error(entry: Any) -> str | None:
     return None
 
 
+def _import_infotext(request: dict[str, Any]) -> bytes | None:
+    """Another SEG extension's keys in the request's ``infotext``: add ours (the host's API parses that field
+    without the paste callback that converts them on PNG Info and in the UI). The new body, or None."""
+    text = request.get("infotext")
+    if not isinstance(text, str) or not text:
+        return None
+    converted, notes = imported_infotext(text)
+    for note in notes:
+        log(f"infotext: {note}")
+    if converted is None:
+        return None
+    request["infotext"] = converted
+    return json.dumps(request).encode()
+
+
 def prepare_request(body: bytes, title: str) -> tuple[bytes | None, str | None]:
     """For a generation request's body, given the title the host finds us by: the body to pass on instead
     (None: unchanged) and the error message for its SEG entry (None: valid or absent)."""
@@ -48,11 +65,13 @@ def prepare_request(body: bytes, title: str) -> tuple[bytes | None, str | None]:
         request = json.loads(body or b"{}")
     except ValueError:
         return None, None  # not our business: the host answers malformed JSON itself
-    scripts = request.get("alwayson_scripts") if isinstance(request, dict) else None
-    if not isinstance(scripts, dict):
+    if not isinstance(request, dict):
         return None, None
+    changed = _import_infotext(request)
+    scripts = request.get("alwayson_scripts")
+    if not isinstance(scripts, dict):
+        return changed, None
     keys = {str(key).lower(): key for key in scripts}
-    changed = None
     if title.lower() == TITLE.lower() and ALIAS.lower() in keys:
         if TITLE.lower() in keys:
             return None, f'SEG: "{TITLE}" and "{ALIAS}" both name this extension in this WebUI; send one of them'

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from seg_lib.api import prepare_request
 from seg_lib.core.guidance import in_step_window
 from seg_lib.core.imports import schedule, sigma_window, step_fraction
 from seg_lib.core.params import SegParams
-from seg_lib.core.paste import normalize_pasted, seg_from_infotext
+from seg_lib.core.paste import imported_infotext, normalize_pasted, parse_params_line, seg_from_infotext
 
 # What pamparamm's scripts/seg.py writes (extra_generation_params; the WebUI writes them as text).
 PAMPARAMM = {
@@ -163,3 +165,30 @@ def test_our_keys_win_over_imported_ones():
     params, notes = seg_from_infotext({"SEG Scale": "1.5", "SEG Active": "True", "SEG Blur Sigma": "3", **PAMPARAMM})
     assert params == SegParams(True, 1.5)
     assert notes == []
+
+
+# -- the API's infotext field (the host parses it without the paste callback) ------------------------------------
+def test_api_infotext_of_another_extension_gets_our_keys(capsys):
+    text = (
+        "a cat\nNegative prompt: dog\nSteps: 12, Sampler: Euler, seg_enabled: True, seg_scale: 2.5, "
+        'seg_blur_sigma: -1.0, seg_block: middle, seg_block_id: 0, seg_block_list: "d0,m0", '
+        "seg_hr_override: True, seg_hr_cfg: 4.0, seg_hr_scale: 5.0, seg_hr_blur_sigma: 2.0"
+    )
+    body, error = prepare_request(json.dumps({"prompt": "x", "infotext": text}).encode(), "Smoothed Energy Guidance")
+    assert error is None
+    converted = json.loads(body)["infotext"]
+    assert converted.startswith(text)
+    fields = parse_params_line(converted.split("\n")[-1])
+    assert fields["SEG Layers"] == "d0,m0"  # quoted in the text: it has a comma
+    assert (fields["SEG Scale"], fields["SEG Sigma"], fields["SEG Hires"]) == ("2.5", "inf", "override")
+    assert fields["Hires CFG Scale"] == "4.0"
+    assert seg_from_infotext(fields)[0] == seg_from_infotext(parse_params_line(text.split("\n")[-1]))[0]
+    assert "[SEG] infotext: seg_hr_cfg" in capsys.readouterr().out
+
+
+def test_api_infotext_with_our_keys_or_none_is_left_alone():
+    ours = "a cat\nSteps: 12, SEG Scale: 2.0, SEG Sigma: inf, SEG Layers: m0, SEG Start: 0.0, SEG End: 1.0"
+    assert imported_infotext(ours) == (None, [])
+    assert imported_infotext("a cat\nSteps: 12, Sampler: Euler, CFG scale: 5") == (None, [])
+    body, error = prepare_request(json.dumps({"prompt": "x", "infotext": ours}).encode(), "Smoothed Energy Guidance")
+    assert (body, error) == (None, None)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,3 +89,38 @@ def normalize_pasted(fields: dict[str, Any]) -> list[str]:
     fields.update({key: value for key, value in every.items() if key in keep})
     fields[SCALE.infotext] = every[SCALE.infotext]  # always there: it carries the enabled state
     return warnings
+
+
+# -- the API's "infotext" field: the host parses it without the paste callback, so imports happen here ----------
+_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_params_line(line: str) -> dict[str, str]:
+    """``key: value, key: "quoted, value"`` pairs of an infotext's last line."""
+    fields = {}
+    for key, value in _PARAM.findall(line):
+        if value.startswith('"') and value.endswith('"') and len(value) > 1:
+            with contextlib.suppress(ValueError):  # a malformed quote stays as written
+                value = json.loads(value)
+        fields[key.strip()] = value.strip() if isinstance(value, str) else value
+    return fields
+
+
+def _quoted(value: str) -> str:
+    return json.dumps(value) if any(c in value for c in ',\n:"') else value
+
+
+def imported_infotext(text: str) -> tuple[str | None, list[str]]:
+    """For infotext made by another SEG extension: the same text with our equivalent keys (and the host keys
+    they map to) appended, and the notes; ``(None, [])`` when there is nothing to import."""
+    lines = text.rstrip().split("\n")
+    fields = parse_params_line(lines[-1])
+    if any(key in fields for key in BY_INFOTEXT) or not (PAMPARAMM_MARK in fields or INCANTATIONS_MARK in fields):
+        return None, []
+    normalized = dict(fields)
+    notes = normalize_pasted(normalized)
+    added = {key: value for key, value in normalized.items() if key not in fields and value != "False"}
+    if not added:
+        return None, notes
+    lines[-1] = ", ".join([lines[-1].rstrip().rstrip(","), *(f"{key}: {_quoted(str(v))}" for key, v in added.items())])
+    return "\n".join(lines), notes
