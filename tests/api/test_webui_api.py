@@ -391,6 +391,9 @@ def test_invalid_new_fields_answer_422_naming_them(with_extension: None, args: l
 
 
 def test_pasted_incantations_infotext_enables_the_equivalent_settings(with_extension: None) -> None:
+    status, body = call("/sdapi/v1/txt2img", {"infotext": "a cat\nSteps: 1, Seed: 3", "steps": 1})
+    if status != 200:  # Forge main: a TypeError in its own apply_infotext
+        pytest.skip(f"this WebUI's API infotext field fails even without SEG: {body}")
     incantations = "SEG Active: True, SEG Blur Sigma: 3.0, SEG Start Step: 1, SEG End Step: 150"
     text = f"a lighthouse on a cliff\nNegative prompt: blurry\nSteps: {STEPS}, {incantations}"
     pasted = generate(infotext=text)
