@@ -165,5 +165,12 @@ def host_infotext_parser() -> InfotextParser | None:
 
 
 def install(app: Any, title: str) -> None:
-    """Add the guard to a FastAPI/Starlette app (from ``on_app_started``)."""
+    """Add the guard to a FastAPI/Starlette app (from ``on_app_started``).
+
+    With the UI, the host calls this after the app has served requests; Starlette then refuses
+    ``add_middleware`` while its built stack exists. Dropping the stack, as the hosts' own
+    ``setup_middleware`` does, has it rebuilt with the guard on the next request.
+    """
+    if getattr(app, "middleware_stack", None) is not None:
+        app.middleware_stack = None
     app.add_middleware(SegArgumentGuard, title=title, parse_infotext=host_infotext_parser())

@@ -248,3 +248,24 @@ def test_fuzzed_pasted_infotext_never_breaks_and_keeps_values_in_range(fields: d
     # values that were malformed keep the control's value; those pasted equal what the parser read
     read = {param.infotext: param.format(getattr(params, param.name)) for param in PARAMS if param.infotext}
     assert all(read[key] == value for key, value in ours.items())
+
+
+def test_the_guard_is_installed_into_an_app_that_already_serves() -> None:
+    """A1111 with its UI calls ``on_app_started`` after the app has answered requests (Starlette then raises
+    "Cannot add middleware after an application has started"; seen in the real A1111 1.10.1)."""
+    from seg_lib.api import install
+
+    class StartedApp:  # the parts of starlette.applications.Starlette that install touches
+        def __init__(self) -> None:
+            self.user_middleware: list[tuple[Any, dict]] = []
+            self.middleware_stack: object | None = object()  # built by the first request
+
+        def add_middleware(self, cls: Any, **options: Any) -> None:
+            if self.middleware_stack is not None:
+                raise RuntimeError("Cannot add middleware after an application has started")
+            self.user_middleware.insert(0, (cls, options))
+
+    app = StartedApp()
+    install(app, TITLE)
+    assert [cls for cls, _ in app.user_middleware] == [SegArgumentGuard]
+    assert app.middleware_stack is None  # rebuilt, with the guard, on the next request

@@ -42,7 +42,7 @@ def seg_args(rng: random.Random, on: bool) -> list[Any] | None:
 
 def spec(rng: random.Random, sampler_names: list[str], on: bool) -> dict[str, Any]:
     kind = rng.choice(KINDS)
-    width, height = (64, 64) if kind == "hires" else (rng.choice([64, 96, 128]), rng.choice([64, 96]))
+    width, height = (64, 64) if kind == "hires" else (rng.choice([64, 64, 96, 128]), rng.choice([64, 64, 96]))
     return {
         "kind": kind,
         "seg": seg_args(rng, on),
@@ -50,7 +50,7 @@ def spec(rng: random.Random, sampler_names: list[str], on: bool) -> dict[str, An
             "width": width,
             "height": height,
             "batch_size": rng.choice([1, 1, 2, 3]),
-            "steps": rng.randint(1, 3),
+            "steps": rng.choice([1, 1, 2, 3]),
             "sampler_name": rng.choice(sampler_names),
             "cfg_scale": rng.choice([5, 5, 1]),
             "seed": rng.randint(0, 2**31),
@@ -82,7 +82,7 @@ def run_soak(host: str, *, forge: bool, total: int = 200, block: int = 40, seed:
     began = time.perf_counter()
     for index, item in enumerate(requests):
         if index % 20 == 0:
-            probes.check(f"before request {index}")
+            probes.check(f"before request {index}", None if index == 0 else ["probe-t2i"])
             rss[f"after {index}"] = rss_mib()
         request = payload(item["kind"], item["seg"], forge=forge, **item["fields"])
         status, body, seconds = call(endpoint(item["kind"]), request)
