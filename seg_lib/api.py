@@ -37,6 +37,9 @@ def _check_args(key: str, entry: object) -> str | None:
     if not isinstance(entry, Mapping):
         # the host would index it with "args" (HTTP 500 for a number or a text)
         return f'SEG: alwayson_scripts["{key}"] must be an object such as {{"args": [true]}}; got {entry!r}'
+    extra = sorted(str(name) for name in entry if name != "args")
+    if extra:  # the host ignores them, but echoes them in its answer: a 20-digit number there is an HTTP 500
+        return f'SEG: alwayson_scripts["{key}"] takes only "args"; got {", ".join(map(repr, extra))}'
     if "args" not in entry:
         return None  # the host runs the script with its defaults
     args = entry["args"]

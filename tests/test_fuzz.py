@@ -192,6 +192,8 @@ def test_the_cases_the_fuzz_found_stay_fixed() -> None:
     assert "alwayson_scripts" in check_request(body(5), TITLE)
     assert "alwayson_scripts" in check_request(body("xargs"), TITLE)
     assert '"args" must be a list' in check_request(body({"args": None}), TITLE)
+    # other keys next to "args": the host echoes the request, and a 20-digit number there fails its answer
+    assert 'takes only "args"' in check_request(body({"x": 10**30}), TITLE)
     # the host matches titles case-blind and the last entry wins: every one is checked
     both = {"alwayson_scripts": {TITLE.lower(): {"args": [True]}, TITLE: {"args": [True, 99]}}}
     assert "(scale)" in check_request(json.dumps(both).encode(), TITLE)

@@ -39,12 +39,12 @@ def _wait_for_step(step: int, timeout: float = 120) -> int:
 
 
 def _stop_mid_generation(action: str, *, forge: bool) -> dict[str, Any]:
-    body = payload("txt2img", ON, forge=forge, width=128, height=128, steps=12)
+    body = payload("txt2img", ON, forge=forge, width=96, height=96, steps=8)
     thread, result = in_background("/sdapi/v1/txt2img", body)
     at_step = _wait_for_step(2)
     call(f"/sdapi/v1/{action}", {})
     thread.join(600)
-    return {"case": action, "at_step": at_step, "of_steps": 12, "status": result.get("status")}
+    return {"case": action, "at_step": at_step, "of_steps": 8, "status": result.get("status")}
 
 
 def _model_switch(*, forge: bool) -> dict[str, Any]:
@@ -110,13 +110,16 @@ def run_faults(host: str, *, forge: bool, broken_folder: Path | None, reload_ui:
         ("skip", lambda: _stop_mid_generation("skip", forge=forge)),
         ("model switch", lambda: _model_switch(forge=forge)),
     ]
-    if broken_folder is not None:
-        steps.append(("broken checkpoint", lambda: _broken_checkpoint(broken_folder, forge=forge)))
     if reload_ui:
         steps.append(("reload", _reload_ui))
+    if broken_folder is not None:  # last: A1111 1.10.1 stays broken after it (see the README)
+        steps.append(("broken checkpoint", lambda: _broken_checkpoint(broken_folder, forge=forge)))
     for name, action in steps:
-        case = action()
-        probes.check(f"after {name}")
+        try:
+            case = action()
+            probes.check(f"after {name}")
+        except AssertionError as error:  # recorded, and the next fault still runs
+            case = {"case": name, "error": str(error)[:300]}
         case["registrations"] = registrations()
         case["registrations_unchanged"] = case["registrations"] == before
         cases.append(case)

@@ -83,8 +83,7 @@ def run_fuzz(args_cases: int, infotext_cases: int) -> dict[str, Any]:
 
     quick = settings(deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
 
-    @quick
-    @settings(max_examples=args_cases)
+    @settings(quick, max_examples=args_cases)
     @given(key=st.sampled_from([TITLE, TITLE.lower()]), entry=entries)
     def fuzz_args(key: str, entry: Any) -> None:
         expected = {} if isinstance(entry, dict) and "args" not in entry else None  # host defaults: SEG off
@@ -95,8 +94,7 @@ def run_fuzz(args_cases: int, infotext_cases: int) -> dict[str, Any]:
                 expected = None  # the guard must answer 422
         check({"alwayson_scripts": {key: entry}}, expected)
 
-    @quick
-    @settings(max_examples=infotext_cases)
+    @settings(quick, max_examples=infotext_cases)
     @given(text=infotexts)
     def fuzz_infotext(text: str) -> None:
         check({"infotext": text}, None)

@@ -88,7 +88,7 @@ def payload(kind: str, seg: list[Any] | None, *, forge: bool, **fields: Any) -> 
         "cfg_scale": 5,
         "sampler_name": "Euler",
         "override_settings": {"sd_model_checkpoint": SD15},
-        "override_settings_restore_afterwards": False,
+        "override_settings_restore_afterwards": False,  # restoring would reload the checkpoint every time
     }
     if kind in ("img2img", "inpaint"):
         init, mask = init_image(width, height)
@@ -104,6 +104,9 @@ def payload(kind: str, seg: list[Any] | None, *, forge: bool, **fields: Any) -> 
     body["override_settings"] = {**body["override_settings"], **settings}
     if seg is not None:
         body["alwayson_scripts"] = {TITLE: {"args": seg}}
+        # Overrides stay set after the request, so a request with SEG names the fast-path setting: otherwise
+        # an earlier request's choice carries over (images differ by float rounding between the two paths).
+        body["override_settings"] = {"seg_fast_path": True, **body["override_settings"]}
     return body
 
 
