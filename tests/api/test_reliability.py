@@ -8,7 +8,8 @@ the HTTP fuzz. Skipped unless ``SEG_WEBUI_URL`` is set and ``SEG_RELIABILITY`` n
     SEG_WEBUI_URL=... SEG_RELIABILITY=all SEG_HOST=a1111 SEG_BROKEN_CHECKPOINT_DIR=<webui>/models/Stable-diffusion \\
         SEG_RELIABILITY_OUT=/tmp/seg-figures pytest tests/api/test_reliability.py -s
 
-``SEG_SOAK_REQUESTS`` (default 200), ``SEG_FUZZ_ARGS`` / ``SEG_FUZZ_INFOTEXT`` (default 250 / 120) size the
+``SEG_SOAK_REQUESTS`` (default 200), ``SEG_SOAK_BLOCK`` (the repeated block, default 40),
+``SEG_FUZZ_ARGS`` / ``SEG_FUZZ_INFOTEXT`` (default 250 / 120) and ``SEG_CONCURRENT_ROUNDS`` (2) size the
 runs; ``SEG_RELOAD_UI=1`` adds A1111's Settings > Reload UI (the WebUI must run with its UI).
 """
 
@@ -60,7 +61,8 @@ def test_soak(forge: bool) -> None:
     wanted("soak")
     from tests.api.soak import run_soak
 
-    figures = run_soak(HOST, forge=forge, total=int(os.environ.get("SEG_SOAK_REQUESTS", "200")))
+    total, block = int(os.environ.get("SEG_SOAK_REQUESTS", "200")), int(os.environ.get("SEG_SOAK_BLOCK", "40"))
+    figures = run_soak(HOST, forge=forge, total=total, block=block)
     save("soak", figures)
     assert figures["errors"] == []
     assert figures["off_mismatches"] == []
