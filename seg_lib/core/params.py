@@ -66,7 +66,10 @@ def _to_float(param: Param, value: object) -> float:
     if isinstance(value, bool):
         raise param.error(value)
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float range (JSON numbers have any length)
+            raise param.error(value) from None
     if isinstance(value, str):
         try:
             return float(value.strip())

@@ -148,7 +148,7 @@ COMBINATIONS: dict[str, Build] = {
     "dynamic_thresholding": lambda h: (
         TXT,
         {"cfg_scale": 15},
-        h.script("Dynamic Thresholding (CFG Scale Fix)", enable_dynamic_thresholding=True),
+        h.script("Dynamic Thresholding (CFG Scale Fix)", on=True),
     ),
     "tiled_diffusion": lambda h: (
         TXT,
@@ -158,7 +158,7 @@ COMBINATIONS: dict[str, Build] = {
     "regional_prompter": lambda h: (
         TXT,
         {"prompt": "a red fox BREAK a snowy field"},
-        h.script("Regional Prompter", active=True),
+        h.script("Regional Prompter", on=True),
     ),
     "kohya_hires_fix": lambda h: (TXT, {}, h.script("Kohya Hires.fix", enable_extension=True)),
     # Forge built-ins (skipped on A1111)
