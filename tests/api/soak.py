@@ -18,7 +18,8 @@ KINDS = ["txt2img", "txt2img", "img2img", "inpaint", "hires"]
 LAYERS = ["m0", "d0-d5", "u0-u8", "d2,m0,u3", "m0.0", "u1-u3", "d0,u8", "d1-d3,u4.0", "input4", "output3"]
 SIGMAS = [0.5, 1, 2, "4", 16, 100, "inf", 10000]
 WINDOWS = [(0.0, 1.0), (0.0, 0.5), (0.3, 1.0), (0.2, 0.8), (0.5, 0.5)]
-PREFERRED_SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "DDIM", "UniPC", "Heun", "LMS"]
+# Not UniPC: A1111 refuses it with fewer steps than its order (3), and these requests take 1-3 steps.
+PREFERRED_SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "DDIM", "Heun", "LMS"]
 
 
 def samplers() -> list[str]:
