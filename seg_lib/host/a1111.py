@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from seg_lib.core.blocks import LayerRef
+from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import cond_weights, in_step_window, seg_guidance
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
+from seg_lib.host.one_query import one_query_attn1
 from seg_lib.host.run import Run
 from seg_lib.host.unet_layout import attn1_module
 from seg_lib.settings import fast_path_enabled
@@ -202,8 +204,8 @@ class SegRun(Run):
         """The host's call with the cond rows' copies appended, the UNet forked for its duration."""
         batch = args[0].shape[0]
         try:
-            more_args = with_row_copies(args, batch, fork.rows)
-            more_kwargs = with_row_copies(kwargs, batch, fork.rows)
+            more_args = with_row_copies(args, batch, fork.rows, cut=True)
+            more_kwargs = with_row_copies(kwargs, batch, fork.rows, cut=True)
         except NotRows as error:
             self._planned = False
             self._plain_path(f"the model call has {error}")
@@ -312,8 +314,15 @@ class SegRun(Run):
         """Forward hooks on each selected ``attn1.to_q`` for the duration of one UNet call; they smooth the
         last ``rows`` rows of the queries (all rows when None)."""
 
+        one_query = is_infinite(self.params.blur_sigma)  # attention for one mean query per row (one_query.py)
+        state = {"one": False}
+
         def hook_for(ref: LayerRef) -> Callable[..., torch.Tensor]:
             def smooth(_module: nn.Module, _args: object, q: torch.Tensor) -> torch.Tensor:
+                if one_query:  # the attn1 forward passes the rows to smooth alone, with state["one"] set
+                    smoothed = self.smoothed(ref, q, height, width) if state["one"] else None
+                    blurred[0] += smoothed is not None
+                    return q if smoothed is None else smoothed[:, :1]
                 part = q if rows is None else q[-rows:]
                 smoothed = self.smoothed(ref, part, height, width)
                 if smoothed is None:
@@ -328,7 +337,8 @@ class SegRun(Run):
 
         handles = [module.to_q.register_forward_hook(hook_for(ref)) for ref, module in targets]
         try:
-            yield
+            with one_query_attn1([module for _, module in targets] if one_query else [], rows, state):
+                yield
         finally:
             for handle in handles:
                 handle.remove()

@@ -29,7 +29,11 @@ from typing import Any
 import torch
 
 from seg_lib.core.blocks import LayerRef
+from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import in_step_window, seg_guidance
+from seg_lib.host import forge_fork
+from seg_lib.host.fork import first_block
+from seg_lib.host.one_query import one_query_attention
 from seg_lib.host.run import Run
 from seg_lib.settings import fast_path_enabled
 
@@ -84,6 +88,7 @@ class ForgeHost:
     attention: Any  # attention(q, k, v, heads) -> [B, N, heads * dim_head]
     free_memory: Any = None  # free_memory(device) -> bytes: the host's memory management; None: never enlarge
     opts: Any = None  # the WebUI's shared.opts
+    unet_forwards: Any = None  # {the host's stock UNet forward: its family} (forge_fork.py); None: never fork
 
     @staticmethod
     def load(host: str) -> ForgeHost:
@@ -94,12 +99,16 @@ class ForgeHost:
             from backend.attention import attention_function
             from backend.sampling.sampling_function import calc_cond_uncond_batch
 
-            return ForgeHost(calc_cond_uncond_batch, attention_function, memory_management.get_free_memory, opts)
+            forwards = forge_fork.stock_forwards(host)
+            return ForgeHost(
+                calc_cond_uncond_batch, attention_function, memory_management.get_free_memory, opts, forwards
+            )
         from ldm_patched.ldm.modules.attention import optimized_attention
         from ldm_patched.modules import model_management
         from ldm_patched.modules.samplers import calc_cond_uncond_batch
 
-        return ForgeHost(calc_cond_uncond_batch, optimized_attention, model_management.get_free_memory, opts)
+        forwards = forge_fork.stock_forwards(host)
+        return ForgeHost(calc_cond_uncond_batch, optimized_attention, model_management.get_free_memory, opts, forwards)
 
     def fast_path(self) -> bool:
         return fast_path_enabled(self.opts)
@@ -123,6 +132,8 @@ class ForgeRun(Run):
     why_separate: str = _WRAPPER_MISSED  # why this step falls back to the separate call (for the console)
     step_shape: tuple[int, ...] = ()  # the step's latent shape, as the pre-CFG function saw it
     same_call_failed: bool = False  # the bigger call raised once: the separate call for the rest of the generation
+    fork_at: tuple[str, int] = ("input", 0)  # the first selected block: where the same call forks the branch
+    fork_note: str = ""  # this step's same call: where it forked, or why not (for the console)
 
     def on_denoiser(self, params: Any) -> None:
         """``on_cfg_denoiser``: Forge still reports the step here, which the window needs."""
@@ -137,6 +148,7 @@ class ForgeRun(Run):
         if refs is None:
             return
         unet = objects.unet.clone()
+        self.fork_at = first_block(refs)
         counts = {"smoothed": 0, "misplaced": 0}
         patches = {(ref.part, ref.index, ref.transformer): self._attn1_patch(ref, counts) for ref in refs}
         unet.set_model_sampler_post_cfg_function(self._post_cfg_function(patches, counts))
@@ -201,10 +213,12 @@ class ForgeRun(Run):
             self.armed = False
             output = enlarged = None
             try:
-                enlarged = self._enlarged(apply_model, args, patches)
+                plan = self._fork_plan(apply_model, args)
+                enlarged = self._enlarged(apply_model, args, patches, forge_fork.CARRIED if plan else ())
                 if enlarged is not None:
                     counts.update(smoothed=0, misplaced=0)
-                    output = call(apply_model, enlarged)
+                    with forge_fork.forked(plan):
+                        output = call(apply_model, enlarged)
                     if output.shape[0] != enlarged["input"].shape[0]:
                         raise ValueError(f"the UNet returned {output.shape[0]} rows for {enlarged['input'].shape[0]}")
             except Exception as error:
@@ -233,8 +247,32 @@ class ForgeRun(Run):
         wrapper.to = to
         return wrapper
 
+    def _fork_plan(self, apply_model: Any, args: dict[str, Any]) -> forge_fork.ForkPlan | None:
+        """The fork for this call (the branch computed from the first selected block on), or None with the
+        reason kept for the console: the copies then run through the whole UNet, or the separate call."""
+        unet = getattr(getattr(apply_model, "__self__", None), "diffusion_model", None)
+        cond_or_uncond = list(args["cond_or_uncond"])
+        size = args["input"].shape[0] // max(len(cond_or_uncond), 1)
+        if not self.host.unet_forwards or cond_or_uncond.count(COND) != 1 or unet is None:
+            self.fork_note = "not forked: no known UNet forward"
+            return None
+        first = cond_or_uncond.index(COND) * size
+        plan = forge_fork.plan_fork(
+            unet, self.host.unet_forwards, self.fork_at, args, slice(first, first + size), (SMOOTH_ROWS,)
+        )
+        if isinstance(plan, str):
+            self.fork_note = f"not forked: {plan}"
+            return None
+        part, index = self.fork_at
+        self.fork_note = f"forked from the conditional branch at {part} block {index}"
+        return plan
+
     def _enlarged(
-        self, apply_model: Any, args: dict[str, Any], patches: dict[tuple[str, int, int], Any]
+        self,
+        apply_model: Any,
+        args: dict[str, Any],
+        patches: dict[tuple[str, int, int], Any],
+        carried: tuple[str, ...] = (),
     ) -> dict[str, Any] | None:
         """The wrapper's args with a copy of the cond chunk's rows appended and marked for smoothing, or None
         (with the reason kept for the console) when this call cannot carry them."""
@@ -249,8 +287,12 @@ class ForgeRun(Run):
             self.why_separate = "the UNet call's rows are not the step's latents"
             return None
         # Only tensors with a row per batch row can be extended; ControlNet's control (a dict of lists)
-        # and anything unknown cannot.
-        other = sorted(key for key, value in c.items() if key != "transformer_options" and not _is_batch(value, rows))
+        # and anything unknown cannot, unless the fork carries it (``carried``).
+        other = sorted(
+            key
+            for key, value in c.items()
+            if key != "transformer_options" and key not in carried and not _is_batch(value, rows)
+        )
         if other:
             self.why_separate = f"the UNet call carries {', '.join(map(repr, other))} (ControlNet?)"
             return None
@@ -263,7 +305,7 @@ class ForgeRun(Run):
         def grow(tensor: torch.Tensor) -> torch.Tensor:
             return torch.cat([tensor, tensor[cond_rows]])
 
-        enlarged_c = {key: grow(value) for key, value in c.items() if key != "transformer_options"}
+        enlarged_c = {key: grow(value) if _is_batch(value, rows) else value for key, value in c.items()}
         enlarged_c["transformer_options"] = self._enlarged_options(
             c.get("transformer_options", {}), patches, rows, size
         )
@@ -300,7 +342,8 @@ class ForgeRun(Run):
                 return result
             try:
                 if cond_seg is not None and cond_seg.shape == args["cond_denoised"].shape:
-                    self.say_once("path:same", "SEG: smoothed branch computed in the same UNet call as cond/uncond")
+                    note = self.fork_note
+                    self.say_once(f"path:same:{note}", f"SEG: smoothed branch computed in the same UNet call ({note})")
                 else:
                     reason = self.why_separate
                     self.say_once(f"path:separate:{reason}", f"SEG: separate extra UNet call ({reason})")
@@ -333,6 +376,10 @@ class ForgeRun(Run):
             elif rows is not None:
                 height, width = extra_options["original_shape"][-2:]
                 smoothed = self.smoothed(ref, q[rows], height, width)
+                if smoothed is not None and inner is None and is_infinite(self.params.blur_sigma):
+                    counts["smoothed"] += 1  # one mean query per row: attention for one query, broadcast
+                    heads = extra_options["n_heads"]
+                    return one_query_attention(self.host.attention, q, k, v, heads, rows, smoothed[:, :1])
                 if smoothed is not None:
                     # The marked rows run to the end of the batch; a new tensor, the host's q stays as it was.
                     q = torch.cat([q[: rows.start], smoothed]) if rows.start else smoothed
