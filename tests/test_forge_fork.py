@@ -335,3 +335,31 @@ def test_an_error_in_the_forked_call_leaves_nothing_and_falls_back(capsys):
     assert "same-call path failed" in capsys.readouterr().out
     assert torch.isfinite(result).all()
     assert rig.model.calls == [3, 2, 1]  # the forked call, the host's call redone, the separate cond-only call
+
+
+def test_the_ldm_patched_family_runs_each_block_through_forward_timestep_embed(monkeypatch):
+    """ldm_patched's forward calls ``forward_timestep_embed(module, ...)`` with the video arguments instead of
+    the module itself; the fork does the same for that family, with the same result."""
+    calls = []
+
+    def forward_timestep_embed(ts, x, emb, context=None, transformer_options={}, output_shape=None, **video):  # noqa: B006
+        calls.append(video)
+        return ts.forward(x, emb, context, transformer_options, output_shape)
+
+    monkeypatch.setattr(standins_forge_unet, "forward_timestep_embed", forward_timestep_embed, raising=False)
+    unet = IntegratedUNet2DConditionModel().eval()
+    gen = torch.Generator().manual_seed(2)
+    x, t, context = torch.randn(4, 4, 11, 7, generator=gen), torch.rand(4, generator=gen), torch.randn(4, 3, CONTEXT)
+    outs = []
+    for family in (FORGE, forge_fork.LEGACY):
+        args = {"input": x, "c": {"transformer_options": _options("freeu", [1, 0])}}
+        plan = plan_fork(unet, {IntegratedUNet2DConditionModel.forward: family}, ("input", 1), args, COND)
+        with torch.no_grad():
+            outs.append(
+                forked_forward(
+                    plan, _grow(x), _grow(t), _grow(context), transformer_options=_options("freeu", [1, 0, 0])
+                )
+            )
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    assert len(calls) == 11  # every block, each with the video arguments (None for an image UNet)
+    assert calls[0] == {"time_context": None, "num_video_frames": None, "image_only_indicator": None}
