@@ -363,3 +363,31 @@ def test_the_ldm_patched_family_runs_each_block_through_forward_timestep_embed(m
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
     assert len(calls) == 11  # every block, each with the video arguments (None for an image UNet)
     assert calls[0] == {"time_context": None, "num_video_frames": None, "image_only_indicator": None}
+
+
+def test_a_wrapper_that_regroups_the_rows_gets_the_stock_forward(capsys):
+    """A UNet wrapper that calls the model per chunk: the forked forward steps aside for calls of another
+    size, and SEG's row marker no longer fits, so the step takes the separate call (as without the fork)."""
+    rig = ForkRig(SegParams(enabled=True))
+
+    def per_chunk(apply_model, args):
+        chunks = len(args["cond_or_uncond"])
+        return torch.cat(
+            [
+                apply_model(
+                    x, t, **{k: v if k == "transformer_options" else v.chunk(chunks)[i] for k, v in args["c"].items()}
+                )
+                for i, (x, t) in enumerate(
+                    zip(args["input"].chunk(chunks), args["timestep"].chunk(chunks), strict=True)
+                )
+            ]
+        )
+
+    rig.p.sd_model.forge_objects.unet.set_model_unet_function_wrapper(per_chunk)
+    rig.run.patch(rig.p)
+    result = rig.step()
+    assert "another UNet wrapper regroups the batch rows" in capsys.readouterr().out
+    reference = ForkRig(SegParams(enabled=True), fast=False)
+    reference.p.sd_model.forge_objects.unet.set_model_unet_function_wrapper(per_chunk)
+    reference.run.patch(reference.p)
+    torch.testing.assert_close(result, reference.step(), rtol=1e-9, atol=1e-9)

@@ -58,6 +58,7 @@ class ForkPlan:
     at: tuple[str, int]
     cond: slice
     host_rows: dict[str, Any]  # the bookkeeping ROW_KEYS and markers as the host's call has them (None: absent)
+    rows: int  # the rows of the UNet call the plan is for: the host's and the copies
 
 
 def _residual_rows(control: Any, rows: int) -> str | None:
@@ -107,7 +108,8 @@ def plan_fork(
         return f"the UNet call has {why}"
     options = c.get("transformer_options", {})
     host_rows = {key: options.get(key) for key in (*ROW_KEYS, *markers)}
-    return ForkPlan(unet, namespace, family, at, cond, host_rows)
+    rows = args["input"].shape[0] + cond.stop - cond.start
+    return ForkPlan(unet, namespace, family, at, cond, host_rows, rows)
 
 
 @contextlib.contextmanager
@@ -117,8 +119,10 @@ def forked(plan: ForkPlan | None) -> Iterator[None]:
         yield
         return
 
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return forked_forward(plan, *args, **kwargs)
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x.shape[0] != plan.rows:  # another wrapper regrouped the batch: the stock forward, all rows
+            return type(plan.unet).forward(plan.unet, x, *args, **kwargs)
+        return forked_forward(plan, x, *args, **kwargs)
 
     plan.unet.forward = forward
     try:
