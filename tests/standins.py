@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seg_lib.host.a1111 import Host
+
 WIDTH = 8
 CONTEXT = 6
 
@@ -345,8 +347,8 @@ class Denoiser:
         return denoised
 
 
-class FakeHost:
-    """``seg_lib.host.a1111.Host`` over a stand-in ``shared``."""
+class FakeHost(Host):
+    """``seg_lib.host.a1111.Host`` over a stand-in ``shared`` (what it reads from ``modules`` replaced)."""
 
     def __init__(self, sd_model: LatentDiffusion, **opts: Any) -> None:
         self.sd_model = sd_model

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tests.standins import CrossAttention, SpatialTransformer, TinyUNet
+from tests.standins import CrossAttention, SpatialTransformer, TinyUNet, th, timestep_embedding
 
 COND, UNCOND = 0, 1
 
@@ -24,7 +24,11 @@ class ForgeTinyUNet(TinyUNet):
     written into the dict it is given, ``block`` per UNet block, ``block_index`` per transformer, and the
     ``attn1`` replace-patch protocol of ``BasicTransformerBlock._forward``: look up ``(part, id,
     block_index)`` then ``(part, id)``; pass every transformer option but the patches on as extra options;
-    call ``to_q``/``to_k``/``to_v``, ``patch(q, k, v, extra_options)``, then ``to_out``."""
+    call ``to_q``/``to_k``/``to_v``, ``patch(q, k, v, extra_options)``, then ``to_out``. The forward body is
+    ``IntegratedUNet2DConditionModel.forward``'s: ``block_modifiers`` around each block, the
+    ``input_block_patch`` / ``input_block_patch_after_skip`` / ``output_block_patch`` patches (FreeU, Kohya
+    HRFix), and ``TimestepEmbedSequential``'s ``block_inner_modifiers`` around each layer (here: around each
+    SpatialTransformer, the layers they are asked about)."""
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
         options = {} if transformer_options is None else transformer_options
@@ -36,15 +40,71 @@ class ForgeTinyUNet(TinyUNet):
             ("output", self.output_blocks),
         ):
             for index, block in enumerate(blocks):
-                for layer in block:
+                for layer_index, layer in enumerate(block):
                     if isinstance(layer, SpatialTransformer):
+                        handles.append(_inner_modifiers(layer, layer_index, block, options))
                         for t, tb in enumerate(layer.transformer_blocks):
                             handles.append(_forge_attn1(tb.attn1, options, (part, index), t))
         try:
-            return super().forward(x, timesteps, context, y=y)
+            return self._forge_forward(x, timesteps, context, y, options)
         finally:
             for restore in handles:
                 restore()
+
+    def _forge_forward(self, x, timesteps, context, y, options):
+        patches = options.get("patches", {})
+        modifiers = options.get("block_modifiers", [])
+
+        def run(block, h, where):
+            options["block"] = where
+            for modifier in modifiers:
+                h = modifier(h, "before", options)
+            h = block(h, emb, context)
+            for modifier in modifiers:
+                h = modifier(h, "after", options)
+            return h
+
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        h, hs = x.type(self.dtype), []
+        for index, module in enumerate(self.input_blocks):
+            h = run(module, h, ("input", index))
+            for patch in patches.get("input_block_patch", []):
+                h = patch(h, options)
+            hs.append(h)
+            for patch in patches.get("input_block_patch_after_skip", []):
+                h = patch(h, options)
+        h = run(self.middle_block, h, ("middle", 0))
+        for index, module in enumerate(self.output_blocks):
+            options["block"] = ("output", index)
+            hsp = hs.pop()
+            for patch in patches.get("output_block_patch", []):
+                h, hsp = patch(h, hsp, options)
+            h = run(module, th.cat([h, hsp], dim=1), ("output", index))
+        return self.out(h.type(x.dtype))
+
+
+def _inner_modifiers(layer: SpatialTransformer, layer_index: int, block, options: dict):
+    """``TimestepEmbedSequential.forward`` calls each block inner modifier with (x, 'before', layer, ...)
+    before the layer and (x, 'after', ...) after it; a modifier may return another x."""
+    modifiers = options.get("block_inner_modifiers", [])
+    if not modifiers:
+        return lambda: None
+
+    def before(module, args):
+        x = args[0]
+        for modifier in modifiers:
+            x = modifier(x, "before", module, layer_index, block, options)
+        return (x, *args[1:])
+
+    def after(module, args, out):
+        for modifier in modifiers:
+            out = modifier(out, "after", module, layer_index, block, options)
+        return out
+
+    handles = [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+    return lambda: [handle.remove() for handle in handles]
 
 
 def _forge_attn1(attn: CrossAttention, options: dict, block: tuple[str, int], block_index: int):
@@ -53,12 +113,13 @@ def _forge_attn1(attn: CrossAttention, options: dict, block: tuple[str, int], bl
     patch = replace.get(key, replace.get(block))
     if patch is None:
         return lambda: None
-    extra = {k: v for k, v in options.items() if k not in ("patches", "patches_replace")}
-    extra.update(
-        block=block, block_index=block_index, n_heads=attn.heads, dim_head=attn.to_q.out_features // attn.heads
-    )
 
     def forward(x, context=None, mask=None):
+        # Built per call, as BasicTransformerBlock._forward does: it sees what modifiers wrote just before.
+        extra = {k: v for k, v in options.items() if k not in ("patches", "patches_replace")}
+        extra.update(
+            block=block, block_index=block_index, n_heads=attn.heads, dim_head=attn.to_q.out_features // attn.heads
+        )
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
         return attn.to_out(patch(q, k, v, extra))
 
@@ -257,3 +318,60 @@ class UnetPatcher:
 
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
         self.model_options["model_function_wrapper"] = unet_wrapper_function
+
+
+def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options):
+    """``sampling_function`` after the conds are compiled: each conditioning modifier in turn (Reference's
+    runs a nested ``sampling_function_inner`` on its own latents there), then the step's own call."""
+    for modifier in model_options.get("conditioning_modifiers", []):
+        model, x, timestep, uncond, cond, cond_scale, model_options, _ = modifier(
+            model, x, timestep, uncond, cond, cond_scale, model_options, None
+        )
+    return sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options)
+
+
+class ReferenceLike:
+    """Forge's Reference preprocessor (``forge_preprocessor_reference/scripts/forge_reference.py``) reduced
+    to its per-call state: a conditioning modifier runs a nested cond-only sampling call on noised reference
+    latents while ``recording``; its ``attn1`` patch on every layer stores that call's keys/values per layer,
+    and in the step's own call concatenates them to the cond rows' keys/values (``zero_cat`` on the token
+    axis), which only works when the recorded batch has as many rows as the call's cond rows."""
+
+    def __init__(self, unet_patcher: UnetPatcher, reference: torch.Tensor, layers) -> None:
+        self.reference = reference
+        self.recording = False
+        self.recorded: dict = {}
+
+        # Closures, as the real one installs (a bound method would be deep-copied with its state by clone()).
+        def conditioning_modifier(*args):
+            return self.conditioning_modifier(*args)
+
+        def attn1_proc(q, k, v, extra):
+            return self.attn1_proc(q, k, v, extra)
+
+        options = unet_patcher.model_options
+        options.setdefault("conditioning_modifiers", []).append(conditioning_modifier)
+        replace = options["transformer_options"].setdefault("patches_replace", {}).setdefault("attn1", {})
+        for key in layers:
+            replace[key] = attn1_proc
+
+    def conditioning_modifier(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        self.recording = True
+        xt = self.reference + timestep[:, None, None, None] * 0.5
+        sampling_function_inner(model, xt, timestep, uncond, cond, 1, model_options)
+        self.recording = False
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    def attn1_proc(self, q, k, v, extra):
+        location = (*extra["block"], extra["block_index"])
+        if self.recording:
+            self.recorded[location] = (k, v)
+            return forge_attention(q, k, v, extra["n_heads"])
+        cond, uncond = extra["cond_indices"], extra["uncond_indices"]
+        k_r, v_r = self.recorded[location]
+        out = torch.zeros_like(q)
+        keys, values = torch.cat([k[cond], k_r], 1), torch.cat([v[cond], v_r], 1)
+        out[cond] = forge_attention(q[cond], keys, values, extra["n_heads"])
+        if uncond:
+            out[uncond] = forge_attention(q[uncond], k[uncond], v[uncond], extra["n_heads"])
+        return out

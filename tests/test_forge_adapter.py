@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 ADM = 5  # width of the SDXL-style ``y`` vector in the rigs that use one
 SAME_LINE = "smoothed branch computed in the same UNet call"
-SEPARATE_LINE = "SEG: separate extra UNet call"
+SEPARATE_LINE = "[SEG] separate extra UNet call"
 
 
 class ForgeRig:
@@ -76,7 +76,9 @@ class ForgeRig:
 
     def step(self, step: int = 0, steps: int = 1, cond_scale: float = 5.0, cond=None) -> torch.Tensor:
         on_cfg_denoiser(
-            SimpleNamespace(denoiser=SimpleNamespace(p=self.p), sampling_step=step, total_sampling_steps=steps)
+            SimpleNamespace(
+                denoiser=SimpleNamespace(p=self.p), sampling_step=step, total_sampling_steps=steps, x=self.x
+            )
         )
         unet = self.p.sd_model.forge_objects.unet
         with torch.no_grad():
@@ -97,6 +99,19 @@ class ForgeRig:
 
     def rows_cost(self, rows: int) -> float:
         return self.model.memory_required([rows, *self.x.shape[1:]])
+
+
+def observe_calls(rig: ForgeRig) -> dict:
+    """Capture the transformer options of the UNet calls through an output block patch: a row-wise kind
+    (FreeU's) that SEG lets ride along in the same call."""
+    captured: dict = {}
+
+    def capture(h, hsp, options):
+        captured.update(options)
+        return h, hsp
+
+    rig.base.model_options["transformer_options"]["patches"] = {"output_block_patch": [capture]}
+    return captured
 
 
 def test_patch_clones_once_per_pass_and_leaves_the_pass_unet_alone():
@@ -229,7 +244,9 @@ def test_when_forge_splits_cond_and_uncond_the_extra_rows_do_not_fit_either():
     torch.testing.assert_close(result, rig.plain() + 3.0 * (rig.predict(rig.cond) - rig.predict(rig.cond, ["m0"])))
 
 
-def test_an_existing_wrapper_is_chained_and_sees_the_bigger_batch():
+def test_another_wrapper_is_chained_and_only_sees_calls_of_the_hosts_shape(capsys):
+    """A UNet function wrapper of another extension may regroup rows (MultiDiffusion's tiles): SEG cannot
+    vouch for its rows, so it keeps it in the chain and makes the separate call through it."""
     rig = ForgeRig(SegParams(enabled=True), batch=2, extras=True)
     seen = []
 
@@ -245,7 +262,10 @@ def test_an_existing_wrapper_is_chained_and_sees_the_bigger_batch():
     for r in (rig, reference):
         r.run.patch(r.p)
     torch.testing.assert_close(rig.step(), reference.step(), rtol=1e-9, atol=1e-9)
-    assert seen == [(6, [1, 0, 0], {"c_crossattn": 6, "y": 6})]  # called once: uncond, cond, smoothed cond
+    assert seen == [(4, [1, 0], {"c_crossattn": 4, "y": 4}), (2, [0], {"c_crossattn": 2, "y": 2})]
+    assert "separate extra UNet call (another UNet function wrapper (test_forge_adapter.other_extension" in (
+        capsys.readouterr().out
+    )
 
 
 def test_moving_the_wrapper_moves_the_chained_one():
@@ -267,7 +287,7 @@ def test_moving_the_wrapper_moves_the_chained_one():
     options = rig.p.sd_model.forge_objects.unet.model_options
     options["model_function_wrapper"] = options["model_function_wrapper"].to("cpu")
     rig.step()
-    assert moves == [("to", "cpu"), ("call", 3)]
+    assert moves == [("to", "cpu"), ("call", 2), ("call", 1)]  # the host's call, then SEG's separate one
 
 
 def test_batch_regrouping_wrapper_falls_back_to_the_separate_call(capsys):
@@ -287,8 +307,9 @@ def test_batch_regrouping_wrapper_falls_back_to_the_separate_call(capsys):
     rig.run.patch(rig.p)
     result = rig.step()
     torch.testing.assert_close(result, rig.plain() + 3.0 * (rig.predict(rig.cond) - rig.predict(rig.cond, ["m0"])))
-    assert rig.model.calls == [1, 1, 1, 1]  # three rows one by one, then the separate call
-    assert f"{SEPARATE_LINE} (another UNet wrapper regroups the batch rows)" in capsys.readouterr().out
+    assert rig.model.calls == [1, 1, 1]  # the host's two rows one by one, then the separate call
+    out = capsys.readouterr().out
+    assert f"{SEPARATE_LINE} (another UNet function wrapper (test_forge_adapter.row_by_row; MultiDiffusion?))" in out
 
 
 def test_the_host_rows_are_never_smoothed():
@@ -299,14 +320,8 @@ def test_the_host_rows_are_never_smoothed():
         seen.update(cond=args["cond_denoised"], uncond=args["uncond_denoised"])
         return args["denoised"]
 
-    captured = {}
-
-    def capture(apply_model, args):
-        captured.update(args["c"]["transformer_options"])
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
+    captured = observe_calls(rig)
     rig.base.set_model_sampler_post_cfg_function(before_seg)
-    rig.base.set_model_unet_function_wrapper(capture)
     rig.run.patch(rig.p)
     rig.step()
     assert rig.model.calls == [6]
@@ -315,47 +330,48 @@ def test_the_host_rows_are_never_smoothed():
     assert captured[SMOOTH_ROWS] == slice(4, 6)
     # SEG's patches without a marker smooth nothing; with one they do (so the check above can fail).
     patches = captured["patches_replace"]["attn1"]
-    unmarked = with_attn1_patches({}, patches, rows=None)
+    probe = {"transformer_options": {"block_inner_modifiers": captured["block_inner_modifiers"]}}  # the grid
+    unmarked = with_attn1_patches(probe, patches, rows=None)
     torch.testing.assert_close(rig.predict(rig.cond, options=unmarked), rig.predict(rig.cond), rtol=0, atol=0)
-    marked = with_attn1_patches({}, patches)
+    marked = with_attn1_patches(probe, patches)
     assert (rig.predict(rig.cond, options=marked) - rig.predict(rig.cond)).abs().max() > 1e-3
 
 
 def test_the_host_bookkeeping_covers_the_appended_rows():
     rig = ForgeRig(SegParams(enabled=True), batch=2)
-    captured = {}
-
-    def capture(apply_model, args):
-        captured.update(args["c"]["transformer_options"])
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    rig.base.set_model_unet_function_wrapper(capture)
+    captured = observe_calls(rig)
     rig.run.patch(rig.p)
     rig.step()
     assert captured["cond_or_uncond"] == [1, 0, 0]
     assert captured["cond_mark"].tolist() == [1, 1, 0, 0, 0, 0]
     assert captured["cond_indices"] == [2, 3, 4, 5]
     assert captured["uncond_indices"] == [0, 1]
-    assert rig.p.sd_model.forge_objects.unet.model_options["transformer_options"] == {}  # copies only
+    options = rig.p.sd_model.forge_objects.unet.model_options["transformer_options"]
+    assert set(options) == {"patches", "block_inner_modifiers"}  # SEG's own grid probe; the rest are copies
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_another_extensions_patch_on_the_same_layer_still_runs_on_every_row(fast):
+@pytest.mark.parametrize(("fast", "sag"), [(True, True), (True, False), (False, True)])
+def test_another_extensions_patch_on_the_same_layer_still_runs_on_every_row(fast, sag):
     """SAG has an attn1 replace patch at ("middle", 0, 0), where SEG's m0 sits on SD1.5, and records the
-    uncond rows' attention there: it must still see every row of the host's call."""
+    uncond rows' attention there: it must still see every row of the host's call. SAG's patch is known to
+    be row-wise, so the smoothed rows may ride in the host's call; an unknown replace patch means the
+    separate call (it could keep state from call to call, as Reference's does)."""
     rig = ForgeRig(SegParams(enabled=True, layers="m0"), fast=fast)
     seen = []
 
-    def record(q, k, v, extra):
+    def attn_and_record(q, k, v, extra):
         seen.append((q.shape[0], list(extra["cond_or_uncond"])))
         return forge_attention(q, k, v, extra["n_heads"])
 
+    record = attn_and_record
+    if sag:  # what Forge's SAG script's patch looks like (its module is the script file forge_sag.py)
+        record.__module__, record.__qualname__ = "forge_sag", "SelfAttentionGuidance.patch.<locals>.attn_and_record"
     rig.base.model_options["transformer_options"]["patches_replace"] = {"attn1": {("middle", 0): record}}
     rig.run.patch(rig.p)
     expected = rig.plain() + 3.0 * (rig.predict(rig.cond) - rig.predict(rig.cond, ["m0"]))
     torch.testing.assert_close(rig.step(), expected, rtol=1e-9, atol=1e-9)
     # both middle transformers; fast: one call with the appended cond chunk, else the host's, then SEG's
-    assert seen == ([(3, [1, 0, 0])] * 2 if fast else [(2, [1, 0])] * 2 + [(1, [0])] * 2)
+    assert seen == ([(3, [1, 0, 0])] * 2 if fast and sag else [(2, [1, 0])] * 2 + [(1, [0])] * 2)
 
 
 def test_another_post_cfg_pass_in_the_step_is_left_alone():
@@ -428,22 +444,21 @@ def test_an_error_in_the_separate_call_makes_the_image_without_seg(capsys):
 
 
 def test_an_error_in_the_bigger_call_falls_back_to_the_separate_call(capsys):
-    """An extension that cannot take a second cond chunk (Forge's Reference and StyleAlign rebuild the batch
-    from all cond rows per chunk): the host's call runs again as asked, SEG takes the separate call from then
-    on, and the image keeps SEG."""
+    """Something row-wise that still fails on the bigger batch: the host's call runs again as asked, SEG takes
+    the separate call from then on, and the image keeps SEG."""
     rig = ForgeRig(SegParams(enabled=True))
 
-    def cannot_take_more_rows(apply_model, args):
-        if args["input"].shape[0] > 2:
+    def cannot_take_more_rows(h, hsp, options):
+        if h.shape[0] > 2:
             raise RuntimeError("boom")
-        return apply_model(args["input"], args["timestep"], **args["c"])
+        return h, hsp
 
-    rig.base.set_model_unet_function_wrapper(cannot_take_more_rows)
+    rig.base.model_options["transformer_options"]["patches"] = {"output_block_patch": [cannot_take_more_rows]}
     rig.run.patch(rig.p)
     expected = rig.plain() + 3.0 * (rig.predict(rig.cond) - rig.predict(rig.cond, ["m0"]))
     torch.testing.assert_close(rig.step(), expected)
     torch.testing.assert_close(rig.step(), expected)
-    assert rig.model.calls == [2, 1, 2, 1]  # the failed call never reached the UNet
+    assert rig.model.calls == [3, 2, 1, 2, 1]  # the bigger call failed inside the UNet
     out = capsys.readouterr().out
     assert out.count("the same-call path failed (RuntimeError('boom'))") == 1
     assert out.count(f"{SEPARATE_LINE} (the same-call path failed earlier in this generation)") == 1

@@ -16,6 +16,7 @@ import seg_lib.host.a1111 as a1111
 from seg_lib.core.blocks import SD1_LAYOUT, resolve_layers
 from seg_lib.core.params import SegParams
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
+from seg_lib.host.marks import owned
 from seg_lib.host.unet_layout import read_layout
 from tests import standins
 from tests.standins import CONTEXT, TinyUNet
@@ -183,7 +184,7 @@ def test_the_path_is_said_once_per_generation(capsys):
     for step in range(3):
         rig.step(step=step, steps=3)
     assert rig.inner.calls == [6, 6, 6]
-    assert capsys.readouterr().out.count("[SEG] SEG: fast path, forked from the conditional branch at middle") == 1
+    assert capsys.readouterr().out.count("[SEG] fast path, forked from the conditional branch at middle") == 1
 
 
 def test_rows_split_over_calls_fall_back_and_say_so(capsys):
@@ -208,6 +209,7 @@ def test_no_module_sees_more_than_three_rows_per_image():
     rig = _fast_rig(layers="d0")  # the earliest fork: the most work on extra rows
     most = [0]
 
+    @owned  # a measuring probe, not another extension's hook (which would rule the fork out)
     def record(_m, args):
         if args and isinstance(args[0], torch.Tensor):
             most[0] = max(most[0], args[0].shape[0])

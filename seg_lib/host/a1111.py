@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,14 +35,24 @@ from torch import nn
 from seg_lib.core.blocks import LayerRef
 from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import cond_weights, in_step_window, seg_guidance
+from seg_lib.host.a1111_others import fork_blocker
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
 from seg_lib.host.one_query import one_query_attn1
 from seg_lib.host.run import Run
-from seg_lib.host.unet_layout import attn1_module
+from seg_lib.host.unet_layout import attn1_module, spatial_transformer
 from seg_lib.settings import fast_path_enabled
 
-# The resolved attn1 layers of one loaded UNet, with their modules.
-_Targets = list[tuple[LayerRef, nn.Module]]
+
+@dataclass(frozen=True)
+class _Target:
+    """One selected attn1 layer of a loaded UNet, with the SpatialTransformer whose input holds its grid."""
+
+    ref: LayerRef
+    attn1: nn.Module
+    transformer: nn.Module
+
+
+_Targets = list[_Target]
 
 
 def cond_rows(text_cond: Any) -> int:
@@ -102,6 +113,37 @@ class Host:
 
         return getattr(sd_unet, "current_unet", None) is not None
 
+    def token_regrouping(self) -> str:
+        """Host features that split or merge a layer's tokens, for the console line of a skipped layer."""
+        opts, found = self.opts(), []
+        if getattr(opts, "hypertile_enable_unet", False) or getattr(opts, "hypertile_enable_unet_secondpass", False):
+            found.append("Hypertile U-Net is on")
+        if any(getattr(opts, key, 0) for key in ("token_merging_ratio", "token_merging_ratio_hr")):
+            found.append("token merging is on")
+        return ", ".join(found)
+
+    def call_state(self) -> Any:
+        """The state other extensions draw from at every UNet call: Hypertile's tile-size generator."""
+        rng = getattr(sys.modules.get("hypertile"), "RNG_INSTANCE", None)
+        return None if rng is None else (rng, rng.getstate())
+
+    @contextlib.contextmanager
+    def extra_call(self, before_host_call: Any) -> Iterator[None]:
+        """Around SEG's own extra UNet call: Hypertile draws its tiles at random at every attention call. The
+        extra call replays the draws of the host's call (``before_host_call``, taken before it), so the cond
+        rows' copies are tiled as the cond rows were; then the generator goes back to where the host's call
+        left it, so the host's later calls tile as they would without SEG."""
+        if before_host_call is None:
+            yield
+            return
+        rng, before = before_host_call
+        after = rng.getstate()
+        rng.setstate(before)
+        try:
+            yield
+        finally:
+            rng.setstate(after)
+
 
 def match_host_padding(host: Host, denoiser: Any, text_cond: Any, text_uncond: Any) -> Any:
     """The cond rows padded the way the host padded them for its own call (so cond and cond_seg match)."""
@@ -127,8 +169,6 @@ class _Fork:
     rows: int
     batches: tuple[int, ...]  # the host call sizes that hold every cond row first: all rows, or cond only
     targets: _Targets
-    height: int
-    width: int
 
 
 @dataclass
@@ -140,26 +180,27 @@ class SegRun(Run):
     _targets: dict[int, _Targets | None] = field(default_factory=dict)
     _fork: _Fork | None = None  # armed for the host's next model call of this step
     _cond_seg: torch.Tensor | None = None  # the smoothed branch the fast path computed this step
-    _planned: bool = False  # a fork was armed this step (so a missing cond_seg means the rows were split)
+    _call_state: Any = None  # other extensions' per-call state before the host's call of this step
+    _forking: str = "no"  # this step's fork: "no", "armed" (a missing cond_seg then means split rows), "ran"
 
     # -- host callbacks -------------------------------------------------------------------------------
     def on_denoiser(self, params: Any) -> None:
         """``on_cfg_denoiser``: remember this step's inputs when SEG runs at this step."""
-        self._stash, self._fork, self._cond_seg, self._planned = None, None, None, False
+        self._stash, self._fork, self._cond_seg, self._forking = None, None, None, "no"
         if self.failed or not in_step_window(
             params.sampling_step, params.total_sampling_steps, self.params.start, self.params.end
         ):
             return
         self._wrap_combine(params.denoiser)
-        self._stash = params
+        self._stash, self._call_state = params, self.host.call_state()
         try:
             self._fork = self._plan_fork(params)
-            self._planned = self._fork is not None
+            self._forking = "no" if self._fork is None else "armed"
         except Exception as error:  # the fast path is an optimisation: never let it stop SEG
-            self.say_once("path:plan-error", f"SEG: fast path unavailable ({error!r}); separate extra UNet pass")
+            self.say_once("path:plan-error", f"fast path unavailable ({error!r}); separate extra UNet pass")
 
     def _plain_path(self, reason: str) -> None:
-        self.say_once(f"path:plain:{reason}", f"SEG: separate extra UNet pass per step ({reason})")
+        self.say_once(f"path:plain:{reason}", f"separate extra UNet pass per step ({reason})")
 
     def _plan_fork(self, params: Any) -> _Fork | None:
         if not fast_path_enabled(self.host.opts()):
@@ -174,15 +215,21 @@ class SegRun(Run):
         if isinstance(stock, str):
             self._plain_path(stock)
             return None
+        blocker = fork_blocker(unet)
+        if blocker is not None:
+            self._plain_path(blocker)
+            return None
         inner = params.denoiser.inner_model
         if not isinstance(inner, nn.Module):
             self._plain_path("the sampler's model wrapper is not a torch module")
             return None
+        if "forward" in vars(inner) and not isinstance(getattr(inner, "seg_wrapped_by", None), SegRun):
+            self._plain_path("another extension wraps the sampler's model (Tiled Diffusion?)")
+            return None
         self._wrap_inner(inner)
         rows = cond_rows(params.text_cond)
-        height, width = params.x.shape[-2:]
-        at = first_block(ref for ref, _ in targets)
-        return _Fork(unet, stock, at, rows, (params.x.shape[0], rows), targets, height, width)
+        at = first_block(target.ref for target in targets)
+        return _Fork(unet, stock, at, rows, (params.x.shape[0], rows), targets)
 
     def _wrap_inner(self, inner: nn.Module) -> None:
         """Route the host's model call through ``_forked_call`` when this step's fork is armed."""
@@ -207,7 +254,7 @@ class SegRun(Run):
             more_args = with_row_copies(args, batch, fork.rows, cut=True)
             more_kwargs = with_row_copies(kwargs, batch, fork.rows, cut=True)
         except NotRows as error:
-            self._planned = False
+            self._forking = "no"
             self._plain_path(f"the model call has {error}")
             return plain(*args, **kwargs)
 
@@ -215,23 +262,27 @@ class SegRun(Run):
             return forked_forward(fork.unet, fork.stock, fork.at, fork.rows, x, timesteps, context, y)
 
         blurred = [0]
+        previous = vars(fork.unet).get("forward")  # an idle wrapper another extension keeps there stays
         fork.unet.forward = forward
         try:
-            with self._smoothing(fork.targets, fork.height, fork.width, blurred, rows=fork.rows):
+            with self._smoothing(fork.targets, blurred, rows=fork.rows):
                 out = plain(*more_args, **more_kwargs)
         except Exception as error:  # SEG must never break the user's generation: redo the host's call as is
             out = error
         finally:
-            vars(fork.unet).pop("forward", None)
+            if previous is None:
+                vars(fork.unet).pop("forward", None)
+            else:
+                fork.unet.forward = previous
         if isinstance(out, Exception):
             self.give_up(f"SEG failed and is off for the rest of this generation: {out!r}")
             return plain(*args, **kwargs)
-        if blurred[0] == 0:
-            self.give_up("SEG: none of the selected layers could be smoothed (custom UNet or merged tokens)")
-        else:
+        self._forking = "ran"
+        if blurred[0]:
             part, index = fork.at
-            self.say_once("path:fork", f"SEG: fast path, forked from the conditional branch at {part} block {index}")
+            self.say_once("path:fork", f"fast path, forked from the conditional branch at {part} block {index}")
             self._cond_seg = out[batch:]
+        # else: no selected layer could be smoothed on this step (said per layer); no SEG term this step
         return out[:batch]
 
     def _wrap_combine(self, denoiser: Any) -> None:
@@ -258,14 +309,19 @@ class SegRun(Run):
     def _guide(self, denoiser: Any, result: torch.Tensor, x_out: torch.Tensor, conds_list: Any) -> torch.Tensor:
         stash, self._stash = self._stash, None
         cond_seg, self._cond_seg = self._cond_seg, None
-        planned, self._planned, self._fork = self._planned, False, None
+        forking, self._forking, self._fork = self._forking, "no", None
         if stash is None or self.failed:
             return result
         try:
             rows = cond_rows(stash.text_cond)
+            if cond_seg is not None and cond_seg.shape != x_out[:rows].shape:
+                cond_seg = None  # the host's calls were not whole images (tiles): the forked rows are not cond_seg
+                self._plain_path("the host's model calls work on tiles")
+            elif cond_seg is None and forking == "ran":
+                return result  # the fork ran, but no selected layer could be smoothed on this step
+            elif cond_seg is None and forking == "armed":
+                self._plain_path("the host split this step's rows over several calls")
             if cond_seg is None:
-                if planned:
-                    self._plain_path("the host split this step's rows over several calls")
                 cond_seg = self._extra_pass(denoiser, stash, rows)
             if cond_seg is None:
                 return result
@@ -281,18 +337,16 @@ class SegRun(Run):
         targets = self._targets_for(self.host.unet())
         if targets is None:
             return None
-        height, width = stash.x.shape[-2:]
         text_cond = match_host_padding(self.host, denoiser, stash.text_cond, stash.text_uncond)
         blurred = [0]
-        with self._smoothing(targets, height, width, blurred):
+        with self.host.extra_call(self._call_state), self._smoothing(targets, blurred):
             cond_seg = denoiser.inner_model(
                 stash.x[:rows],
                 stash.sigma[:rows],
                 cond=make_condition(text_cond, stash.image_cond[:rows], self.host.conditioning_key()),
             )
         if blurred[0] == 0:
-            self.give_up("SEG: none of the selected layers could be smoothed (custom UNet or merged tokens)")
-            return None
+            return None  # no selected layer could be smoothed on this step (said per layer): no SEG term
         return cond_seg
 
     def _targets_for(self, unet: nn.Module | None) -> _Targets | None:
@@ -305,26 +359,36 @@ class SegRun(Run):
         refs = self.selected_layers(unet)
         if refs is None:
             return None
-        return [(ref, attn1_module(unet, ref)) for ref in refs]
+        return [_Target(ref, attn1_module(unet, ref), spatial_transformer(unet, ref)) for ref in refs]
 
     @contextlib.contextmanager
-    def _smoothing(
-        self, targets: _Targets, height: int, width: int, blurred: list[int], rows: int | None = None
-    ) -> Iterator[None]:
-        """Forward hooks on each selected ``attn1.to_q`` for the duration of one UNet call; they smooth the
-        last ``rows`` rows of the queries (all rows when None)."""
+    def _smoothing(self, targets: _Targets, blurred: list[int], rows: int | None = None) -> Iterator[None]:
+        """Hooks on each selected layer for the duration of one UNet call: its SpatialTransformer's input
+        tells the grid of this very call (Deep Shrink, tiles and hires passes change it), and ``attn1.to_q``
+        smooths the last ``rows`` rows of the queries on it (all rows when None)."""
+        grids: dict[int, tuple[int, int]] = {}
+        why = self.host.token_regrouping()
 
-        one_query = is_infinite(self.params.blur_sigma)  # attention for one mean query per row (one_query.py)
+        # sigma = inf: attention for one mean query per row (one_query.py), on layers whose attn1 no other
+        # extension wraps (Hypertile draws its tiles at every call: a split call would draw them twice)
+        one_query = {
+            id(t.attn1) for t in targets if is_infinite(self.params.blur_sigma) and "forward" not in vars(t.attn1)
+        }
         state = {"one": False}
 
-        def hook_for(ref: LayerRef) -> Callable[..., torch.Tensor]:
+        def see_grid(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
+                grids[id(module)] = tuple(args[0].shape[-2:])
+
+        def hook_for(target: _Target) -> Callable[..., torch.Tensor]:
             def smooth(_module: nn.Module, _args: object, q: torch.Tensor) -> torch.Tensor:
-                if one_query:  # the attn1 forward passes the rows to smooth alone, with state["one"] set
-                    smoothed = self.smoothed(ref, q, height, width) if state["one"] else None
+                if id(target.attn1) in one_query:  # its forward passes the rows to smooth alone, state["one"] set
+                    grid = grids.get(id(target.transformer))
+                    smoothed = self.smoothed(target.ref, q, grid, why) if state["one"] else None
                     blurred[0] += smoothed is not None
                     return q if smoothed is None else smoothed[:, :1]
                 part = q if rows is None else q[-rows:]
-                smoothed = self.smoothed(ref, part, height, width)
+                smoothed = self.smoothed(target.ref, part, grids.get(id(target.transformer)), why)
                 if smoothed is None:
                     return q
                 blurred[0] += 1
@@ -335,9 +399,11 @@ class SegRun(Run):
 
             return smooth
 
-        handles = [module.to_q.register_forward_hook(hook_for(ref)) for ref, module in targets]
+        transformers = {id(target.transformer): target.transformer for target in targets}
+        handles = [module.register_forward_pre_hook(see_grid) for module in transformers.values()]
         try:
-            with one_query_attn1([module for _, module in targets] if one_query else [], rows, state):
+            handles += [target.attn1.to_q.register_forward_hook(hook_for(target)) for target in targets]
+            with one_query_attn1([t.attn1 for t in targets if id(t.attn1) in one_query], rows, state):
                 yield
         finally:
             for handle in handles:

@@ -32,7 +32,9 @@ from seg_lib.core.blocks import LayerRef
 from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import in_step_window, seg_guidance
 from seg_lib.host import forge_fork
+from seg_lib.host.forge_others import same_call_blockers
 from seg_lib.host.fork import first_block
+from seg_lib.host.marks import owned
 from seg_lib.host.one_query import one_query_attention
 from seg_lib.host.run import Run
 from seg_lib.settings import fast_path_enabled
@@ -41,6 +43,9 @@ COND = 0  # Forge's mark for a cond chunk in ``cond_or_uncond`` (uncond is 1)
 # transformer_options key: the batch rows SEG's attn1 patches smooth, as ``slice(first, rows)`` (``rows``
 # is the batch the marker was written for; None: whatever the batch). Without it the patches smooth nothing.
 SMOOTH_ROWS = "seg_smooth_rows"
+# transformer_options key: (height, width) of the hidden state entering the current SpatialTransformer,
+# written by SEG's block inner modifier just before it runs (the layer's real token grid).
+GRID = "seg_grid"
 ALL_ROWS = slice(0, None)
 # Cond entry keys that make the step's cond rows not a plain copy of the latents (regional prompting, or
 # a cond that may skip the call): the same-call path leaves those steps alone.
@@ -132,12 +137,21 @@ class ForgeRun(Run):
     why_separate: str = _WRAPPER_MISSED  # why this step falls back to the separate call (for the console)
     step_shape: tuple[int, ...] = ()  # the step's latent shape, as the pre-CFG function saw it
     same_call_failed: bool = False  # the bigger call raised once: the separate call for the rest of the generation
+    step_params: Any = None  # this step's CFGDenoiserParams: its ``x`` is what the step's real call gets
     fork_at: tuple[str, int] = ("input", 0)  # the first selected block: where the same call forks the branch
     fork_note: str = ""  # this step's same call: where it forked, or why not (for the console)
 
     def on_denoiser(self, params: Any) -> None:
         """``on_cfg_denoiser``: Forge still reports the step here, which the window needs."""
         self.step, self.total_steps = params.sampling_step, params.total_sampling_steps
+        self.step_params = params
+
+    def _is_step_call(self, x: Any) -> bool:
+        """Whether a sampling call works on this step's latents. Extensions run nested sampling calls on
+        other latents within a step (Reference records its style from a noised reference image); SEG must
+        neither guide those nor run its extra pass inside them, which would change what they record."""
+        step_x = getattr(self.step_params, "x", None)
+        return step_x is None or x is step_x
 
     def patch(self, p: Any) -> None:
         """Install SEG on this sampling pass's UNet patcher (once per pass)."""
@@ -148,6 +162,7 @@ class ForgeRun(Run):
         if refs is None:
             return
         unet = objects.unet.clone()
+        _add_block_inner_modifier(unet, _see_grid)
         self.fork_at = first_block(refs)
         counts = {"smoothed": 0, "misplaced": 0}
         patches = {(ref.part, ref.index, ref.transformer): self._attn1_patch(ref, counts) for ref in refs}
@@ -161,12 +176,15 @@ class ForgeRun(Run):
         unet.seg_run = self
         objects.unet = unet
 
-    def _seg_step(self) -> bool:
-        return not self.failed and in_step_window(self.step, self.total_steps, self.params.start, self.params.end)
+    def _seg_step(self, x: Any = None) -> bool:
+        if self.failed or not in_step_window(self.step, self.total_steps, self.params.start, self.params.end):
+            return False
+        return x is None or self._is_step_call(x)
 
     def _install_same_call(self, unet: Any, patches: dict[tuple[str, int, int], Any], counts: dict[str, int]) -> None:
         # A closure, not the bound method: clone() deep-copies model_options, and a bound method would be
         # copied with its run (and p), leaving the copy armed instead of us.
+        @owned
         def pre_cfg(model: Any, cond: Any, uncond: Any, x: Any, timestep: Any, model_options: Any) -> tuple:
             return self._pre_cfg(model, cond, uncond, x, timestep, model_options)
 
@@ -183,9 +201,12 @@ class ForgeRun(Run):
     def _pre_cfg(self, model: Any, cond: Any, uncond: Any, x: Any, timestep: Any, model_options: Any) -> tuple:
         """``sampler_pre_cfg_function``: decide, per step, whether the host's call may carry the smoothed rows."""
         self.armed, self.cond_seg = False, None
-        if self._seg_step():
+        if self._seg_step(x):
             self.why_separate = _WRAPPER_MISSED
-            if len(cond) != 1:
+            blockers = same_call_blockers(model_options, own_keys=(GRID, SMOOTH_ROWS))
+            if blockers:
+                self.why_separate = blockers[0]
+            elif len(cond) != 1:
                 self.why_separate = "the prompt has several AND parts"
             elif any(key in cond[0] for key in _NOT_SIMPLE):
                 self.why_separate = "regional (area/mask) conditioning"
@@ -205,6 +226,7 @@ class ForgeRun(Run):
                 return chained["previous"](apply_model, args)
             return apply_model(args["input"], args["timestep"], **args["c"])
 
+        @owned
         def wrapper(apply_model: Any, args: dict[str, Any]) -> torch.Tensor:
             if not self.armed or COND not in args["cond_or_uncond"]:
                 return call(apply_model, args)
@@ -226,7 +248,7 @@ class ForgeRun(Run):
                 # Reference and StyleAlign) cannot take a second cond chunk; the separate call still works.
                 self.same_call_failed = True
                 self.why_separate = "the same-call path failed earlier in this generation"
-                self.say_once("same-call-failed", f"SEG: the same-call path failed ({error!r}); using a separate call")
+                self.say_once("same-call-failed", f"the same-call path failed ({error!r}); using a separate call")
                 output = None
             enlarged = None  # the bigger batch's tensors go before the host's own call may run again
             if output is None:
@@ -245,6 +267,7 @@ class ForgeRun(Run):
             return wrapper
 
         wrapper.to = to
+        wrapper.seg_previous = lambda: chained["previous"]  # what forge_others checks behind ours
         return wrapper
 
     def _fork_plan(self, apply_model: Any, args: dict[str, Any]) -> forge_fork.ForkPlan | None:
@@ -335,26 +358,28 @@ class ForgeRun(Run):
         return options
 
     def _post_cfg_function(self, patches: dict[tuple[str, int, int], Any], counts: dict[str, int]) -> Any:
+        @owned
         def post_cfg(args: dict[str, Any]) -> torch.Tensor:
             result = args["denoised"]
+            if not self._is_step_call(args["input"]):
+                return result  # a nested call of another extension: nothing of this step's is consumed
             cond_seg, self.cond_seg, self.armed = self.cond_seg, None, False
             if not self._seg_step():
                 return result
             try:
                 if cond_seg is not None and cond_seg.shape == args["cond_denoised"].shape:
                     note = self.fork_note
-                    self.say_once(f"path:same:{note}", f"SEG: smoothed branch computed in the same UNet call ({note})")
+                    self.say_once(f"path:same:{note}", f"smoothed branch computed in the same UNet call ({note})")
                 else:
                     reason = self.why_separate
-                    self.say_once(f"path:separate:{reason}", f"SEG: separate extra UNet call ({reason})")
+                    self.say_once(f"path:separate:{reason}", f"separate extra UNet call ({reason})")
                     counts.update(smoothed=0, misplaced=0)
                     options = with_attn1_patches(args["model_options"], patches)
                     cond_seg, _ = self.host.calc_cond_uncond_batch(
                         args["model"], args["cond"], None, args["input"], args["sigma"], options
                     )
                     if counts["smoothed"] == 0:
-                        self.give_up("SEG: none of the selected layers could be smoothed (merged tokens?)")
-                        return result
+                        return result  # no layer could be smoothed on this step (said per layer): no SEG term
                 # The host scales CFG by the summed AND weights when they do not sum to 1; so is SEG.
                 strength = sum(item.get("strength", 1) for item in args["cond"])
                 scale = self.params.scale * (1.0 if math.isclose(strength, 1.0) else strength)
@@ -366,7 +391,7 @@ class ForgeRun(Run):
         return post_cfg
 
     def _attn1_patch(self, ref: LayerRef, counts: dict[str, int]) -> Any:
-
+        @owned
         def attn1(
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any], inner: Any = None
         ) -> torch.Tensor:
@@ -374,8 +399,7 @@ class ForgeRun(Run):
             if rows is not None and rows.stop not in (None, q.shape[0]):
                 counts["misplaced"] += 1  # a wrapper regrouped the batch: the marked rows are not these
             elif rows is not None:
-                height, width = extra_options["original_shape"][-2:]
-                smoothed = self.smoothed(ref, q[rows], height, width)
+                smoothed = self.smoothed(ref, q[rows], extra_options.get(GRID), _regrouping_hint(extra_options))
                 if smoothed is not None and inner is None and is_infinite(self.params.blur_sigma):
                     counts["smoothed"] += 1  # one mean query per row: attention for one query, broadcast
                     heads = extra_options["n_heads"]
@@ -389,3 +413,29 @@ class ForgeRun(Run):
             return self.host.attention(q, k, v, extra_options["n_heads"])
 
         return attn1
+
+
+@owned
+def _see_grid(x: Any, flag: str, layer: Any, layer_index: int, sequence: Any, transformer_options: dict) -> Any:
+    """Block inner modifier: record the spatial shape of the hidden state entering each SpatialTransformer,
+    which is the token grid its attention layers see in this call (Deep Shrink, tiles, hires passes)."""
+    if flag == "before" and type(layer).__name__ == "SpatialTransformer" and getattr(x, "ndim", 0) == 4:
+        transformer_options[GRID] = tuple(x.shape[-2:])
+    return x
+
+
+def _add_block_inner_modifier(unet: Any, modifier: Any) -> None:
+    add = getattr(unet, "add_block_inner_modifier", None)
+    if add is not None:
+        add(modifier)
+        return
+    options = unet.model_options.setdefault("transformer_options", {})  # both families read this list
+    options["block_inner_modifiers"] = [*options.get("block_inner_modifiers", []), modifier]
+
+
+def _regrouping_hint(extra_options: dict[str, Any]) -> str:
+    """What likely split or merged a layer's tokens, from the patches in the call (for the console line)."""
+    patches = extra_options.get("patches") or {}
+    if "attn1_patch" in patches:
+        return "token merging?"
+    return ""

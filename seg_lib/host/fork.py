@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from seg_lib.core.blocks import LayerRef
+from seg_lib.host.a1111_others import idle_forward
 
 _PART_ORDER = {"input": 0, "middle": 1, "output": 2}
 
@@ -47,11 +48,13 @@ def stock_forward(unet: nn.Module, stock: Mapping[Callable[..., Any], bool]) -> 
     """The stock forward ``unet`` runs, or why it does not run one (the fork is then off).
 
     ``stock`` maps each forward function known to be the stock one (the host's own patched wrapper included)
-    to whether it casts the input."""
+    to whether it casts the input. A ``forward`` instance attribute that only forwards to the class's own
+    (what sd-webui-controlnet leaves after a generation) counts as the stock forward."""
     forward = type(unet).forward
     if forward not in stock:
         return f"its UNet class {type(unet).__name__} has a forward of its own"
-    if "forward" in vars(unet):
+    own = vars(unet).get("forward")
+    if own is not None and not idle_forward(unet, own):
         return "another extension wraps the UNet's forward (ControlNet?)"
     if unet._forward_hooks or unet._forward_pre_hooks:
         return "another extension hooks the UNet's forward"

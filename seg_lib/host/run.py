@@ -9,7 +9,6 @@ import torch
 
 from seg_lib.core.blocks import LayerRef, resolve_layers
 from seg_lib.core.blur import smooth_queries
-from seg_lib.core.grid import token_grid
 from seg_lib.core.params import SegParams, to_infotext
 from seg_lib.host.unet_layout import is_stock_unet, read_layout
 from seg_lib.log import log
@@ -41,16 +40,24 @@ class Run:
             self.give_up(f"SEG is off for this generation: {error}")
             return None
 
-    def smoothed(self, ref: LayerRef, q: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
-        """The layer's queries blurred on its grid for a ``height x width`` latent, or None (with one line
-        per generation) when they do not lie on that grid, e.g. after token merging."""
-        grid = token_grid(height, width, q.shape[1], ref.depth)
-        if grid is None:
-            self.say_once(
-                f"skip:{ref.part}{ref.index}",
-                f"SEG: skipping {ref.part} block {ref.index}: its {q.shape[1]} tokens are not the "
-                f"{height}x{width} latent's grid at that depth (token merging?)",
-            )
+    def smoothed(
+        self, ref: LayerRef, q: torch.Tensor, grid: tuple[int, int] | None, why: str = ""
+    ) -> torch.Tensor | None:
+        """The layer's queries blurred on ``grid``, the (height, width) of the hidden state that entered its
+        transformer in this very call (not a size derived from the latent: Deep Shrink, tiles and hires
+        passes change it), or None when the queries do not lie on that grid. Then the layer is skipped for
+        this call only, with one console line per layer and generation; ``why`` names the likely cause."""
+        tokens = q.shape[1]
+        if grid is None or grid[0] * grid[1] != tokens:
+            where = f"{ref.part} block {ref.index}"
+            if grid is None:
+                reason = f"skipping {where}: the shape of its input was not seen (a UNet SEG does not know?)"
+            else:
+                reason = (
+                    f"skipping {where} on the steps where its {tokens} tokens per row are not the "
+                    f"{grid[0]}x{grid[1]} grid it works on{f' ({why})' if why else ''}; SEG goes on where it can"
+                )
+            self.say_once(f"skip:{ref.part}{ref.index}", reason)
             return None
         return smooth_queries(q, grid[0], grid[1], self.params.blur_sigma)
 

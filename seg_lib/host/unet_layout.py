@@ -15,12 +15,16 @@ def _has(module: nn.Module, class_name: str) -> bool:
     return any(type(sub).__name__ == class_name for sub in module.modules())
 
 
+def _find_transformer(block: nn.Module) -> nn.Module | None:
+    """The block's SpatialTransformer, also when another extension wrapped the block in a module of its own
+    (a Deep Shrink extension puts a resizing module in the block's place)."""
+    return next((sub for sub in block.modules() if type(sub).__name__ == "SpatialTransformer"), None)
+
+
 def _transformers(block: nn.Module) -> int:
     """attn1 layers in a block: the transformer_blocks of its SpatialTransformer (0 when it has none)."""
-    for sub in block.children():
-        if type(sub).__name__ == "SpatialTransformer":
-            return len(sub.transformer_blocks)
-    return 0
+    found = _find_transformer(block)
+    return 0 if found is None else len(found.transformer_blocks)
 
 
 def is_stock_unet(unet: object) -> bool:
@@ -47,13 +51,19 @@ def read_layout(unet: nn.Module) -> UNetLayout:
     return tuple(blocks)
 
 
-def attn1_module(unet: nn.Module, ref: LayerRef) -> nn.Module:
-    """The self-attention module a LayerRef names."""
+def spatial_transformer(unet: nn.Module, ref: LayerRef) -> nn.Module:
+    """The SpatialTransformer that holds the layer ``ref`` names: its input is the hidden state whose
+    spatial shape is the layer's token grid."""
     if ref.part == "middle":
         block = unet.middle_block
     else:
         block = (unet.input_blocks if ref.part == "input" else unet.output_blocks)[ref.index]
-    for sub in block.children():
-        if type(sub).__name__ == "SpatialTransformer":
-            return sub.transformer_blocks[ref.transformer].attn1
-    raise LookupError(f"{ref.part} block {ref.index} has no SpatialTransformer")
+    found = _find_transformer(block)
+    if found is None:
+        raise LookupError(f"{ref.part} block {ref.index} has no SpatialTransformer")
+    return found
+
+
+def attn1_module(unet: nn.Module, ref: LayerRef) -> nn.Module:
+    """The self-attention module a LayerRef names."""
+    return spatial_transformer(unet, ref).transformer_blocks[ref.transformer].attn1
