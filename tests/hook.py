@@ -37,3 +37,13 @@ def install(block: nn.Module, state: AutoMachine) -> SimpleNamespace:
 
     block.forward = MethodType(hacked_basic_transformer_inner_forward, block)
     return outer
+
+
+def hook_unet(unet: nn.Module) -> None:
+    """ControlNet's active UNet forward (``forward_webui`` bound to the UNet), here only calling the stock one."""
+    stock = type(unet).forward
+
+    def forward_webui(self: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+        return stock(self, *args, **kwargs)
+
+    unet.forward = MethodType(forward_webui, unet)

@@ -162,7 +162,7 @@ def test_controlnet_idle_forward_keeps_the_fast_path(capsys):
     assert vars(rig.unet)["forward"] is idle  # another extension's attribute, as it was
 
 
-def test_controlnet_active_forward_means_the_separate_pass(capsys):
+def test_controlnet_active_forward_means_the_hosts_call_repeated(capsys):
     rig = Rig(SegParams(enabled=True))
     stock = type(rig.unet).forward
 
@@ -170,9 +170,9 @@ def test_controlnet_active_forward_means_the_separate_pass(capsys):
         return stock(self, *args, **kwargs)
 
     rig.unet.forward = MethodType(forward_webui, rig.unet)
-    rig.step()
-    assert rig.inner.calls == [4, 2]
-    assert f"{SEPARATE_LINE} (another extension wraps the UNet's forward (ControlNet?))" in capsys.readouterr().out
+    torch.testing.assert_close(rig.step(), expected(rig, ["m0"]), rtol=1e-9, atol=1e-9)
+    assert rig.inner.calls == [4, 4]  # the host's call, then the same batch again with the cond rows smoothed
+    assert f"{SEPARATE_LINE} (another extension wraps the UNet's forward (ControlNet?)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -246,3 +246,45 @@ def test_separate_pass_sees_the_same_wrapper_as_the_host(capsys):
     assert calls == [4, 2]
     assert rig.inner.forward is other
     assert isinstance(rig.inner, KDiffusionWrapper)
+
+
+def test_controlnet_reference_unit_turns_seg_off_with_one_line(capsys):
+    """With ControlNet's forward active and its attention hacks installed (a reference unit), no extra pass
+    can see the attention state the cond rows saw: SEG says so once and the image is made without it."""
+    rig = Rig(SegParams(enabled=True))
+    controlnet_hook.hook_unet(rig.unet)
+    for block in _transformer(rig.unet, "middle", 0).transformer_blocks:
+        controlnet_hook.install(block, controlnet_hook.AutoMachine.Read)
+    first, second = rig.step(), rig.step()
+    assert torch.equal(first, rig.plain())
+    assert torch.equal(second, rig.plain())
+    assert rig.inner.calls == [4, 4]  # the host's calls only
+    out = capsys.readouterr().out
+    assert out.count("SEG is off for this generation: a ControlNet reference unit") == 1
+    assert rig.p.extra_generation_params == {}  # the image does not claim SEG
+
+
+def test_controlnet_unit_without_reference_keeps_seg():
+    rig = Rig(SegParams(enabled=True))
+    controlnet_hook.hook_unet(rig.unet)
+    torch.testing.assert_close(rig.step(), expected(rig, ["m0"]), rtol=1e-9, atol=1e-9)
+    assert rig.inner.calls == [4, 4]
+
+
+def test_a_wrapper_that_caches_for_the_hosts_batch_still_gets_seg():
+    """ControlNet's inpaint_only caches its latents for the batch size of the first call and fails on
+    another: the repeated call has the host's batch, so SEG still applies."""
+    rig = Rig(SegParams(enabled=True))
+    wanted = expected(rig, ["m0"])  # before the wrapper: it would refuse the reference's batches
+    stock = type(rig.unet).forward
+    cached = {}
+
+    def forward_webui(self, x, *args, **kwargs):
+        batch = cached.setdefault("batch", x.shape[0])
+        if x.shape[0] != batch:
+            raise RuntimeError(f"cached for {batch} rows, got {x.shape[0]}")
+        return stock(self, x, *args, **kwargs)
+
+    rig.unet.forward = MethodType(forward_webui, rig.unet)
+    torch.testing.assert_close(rig.step(), wanted, rtol=1e-9, atol=1e-9)
+    assert not rig.run.failed

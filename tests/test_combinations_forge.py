@@ -151,3 +151,16 @@ def test_tiles_are_smoothed_on_their_own_grid(fast, capsys):
     assert "skipping" not in out
     if fast:
         assert "(another UNet function wrapper (test_combinations_forge.tiles; MultiDiffusion?))" in out
+
+
+def test_the_console_names_the_other_extension_by_its_script_file():
+    from seg_lib.host.forge_others import same_call_blockers
+
+    def attn1_proc(q, k, v, extra):
+        return q
+
+    attn1_proc.__module__ = "forge_reference.py"  # how the WebUIs name a script file's module
+    options = {"transformer_options": {"patches_replace": {"attn1": {("middle", 0, 0): attn1_proc}}}}
+    assert same_call_blockers(options) == [
+        "another extension replaces attn1 (forge_reference.attn1_proc; Reference, IP-Adapter?)"
+    ]

@@ -365,7 +365,8 @@ def test_another_extensions_patch_on_the_same_layer_still_runs_on_every_row(fast
 
     record = attn_and_record
     if sag:  # what Forge's SAG script's patch looks like (its module is the script file forge_sag.py)
-        record.__module__, record.__qualname__ = "forge_sag", "SelfAttentionGuidance.patch.<locals>.attn_and_record"
+        record.__module__ = "forge_sag.py"  # the WebUIs name script modules after their file
+        record.__qualname__ = "SelfAttentionGuidance.patch.<locals>.attn_and_record"
     rig.base.model_options["transformer_options"]["patches_replace"] = {"attn1": {("middle", 0): record}}
     rig.run.patch(rig.p)
     expected = rig.plain() + 3.0 * (rig.predict(rig.cond) - rig.predict(rig.cond, ["m0"]))

@@ -35,7 +35,7 @@ from torch import nn
 from seg_lib.core.blocks import LayerRef
 from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import cond_weights, in_step_window, seg_guidance
-from seg_lib.host.a1111_others import fork_blocker
+from seg_lib.host.a1111_others import fork_blocker, idle_forward, seg_blocker
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
 from seg_lib.host.one_query import one_query_attn1
 from seg_lib.host.run import Run
@@ -171,6 +171,15 @@ class _Fork:
     targets: _Targets
 
 
+@dataclass(frozen=True)
+class _Replay:
+    """This step's plan when another extension owns the UNet's forward: repeat the host's call."""
+
+    rows: int
+    batches: tuple[int, ...]
+    targets: _Targets
+
+
 @dataclass
 class SegRun(Run):
     """One generation's SEG state on A1111."""
@@ -178,7 +187,7 @@ class SegRun(Run):
     host: Host = field(default_factory=Host)
     _stash: Any = None  # this step's CFGDenoiserParams: the host reads its inputs back from it too
     _targets: dict[int, _Targets | None] = field(default_factory=dict)
-    _fork: _Fork | None = None  # armed for the host's next model call of this step
+    _fork: _Fork | _Replay | None = None  # armed for the host's next model call of this step
     _cond_seg: torch.Tensor | None = None  # the smoothed branch the fast path computed this step
     _call_state: Any = None  # other extensions' per-call state before the host's call of this step
     _forking: str = "no"  # this step's fork: "no", "armed" (a missing cond_seg then means split rows), "ran"
@@ -191,6 +200,10 @@ class SegRun(Run):
             params.sampling_step, params.total_sampling_steps, self.params.start, self.params.end
         ):
             return
+        blocker = seg_blocker(self.host.unet()) if self.host.unet() is not None else None
+        if blocker is not None:
+            self.give_up(f"SEG is off for this generation: {blocker}")
+            return
         self._wrap_combine(params.denoiser)
         self._stash, self._call_state = params, self.host.call_state()
         try:
@@ -202,13 +215,16 @@ class SegRun(Run):
     def _plain_path(self, reason: str) -> None:
         self.say_once(f"path:plain:{reason}", f"separate extra UNet pass per step ({reason})")
 
-    def _plan_fork(self, params: Any) -> _Fork | None:
-        if not fast_path_enabled(self.host.opts()):
-            self._plain_path("the fast SEG setting is off")
-            return None
+    def _plan_fork(self, params: Any) -> _Fork | _Replay | None:
         unet = self.host.unet()
         targets = self._targets_for(unet)
         if targets is None:
+            return None
+        own = vars(unet).get("forward")
+        if own is not None and not idle_forward(unet, own) and not self.host.custom_unet_active():
+            return self._plan_replay(params, targets)
+        if not fast_path_enabled(self.host.opts()):
+            self._plain_path("the fast SEG setting is off")
             return None
         stock = "a custom UNet (TensorRT?) is active" if self.host.custom_unet_active() else None
         stock = stock or stock_forward(unet, self.host.stock_forwards())
@@ -219,22 +235,34 @@ class SegRun(Run):
         if blocker is not None:
             self._plain_path(blocker)
             return None
-        inner = params.denoiser.inner_model
-        if not isinstance(inner, nn.Module):
-            self._plain_path("the sampler's model wrapper is not a torch module")
+        if not self._wrap_inner(params.denoiser.inner_model):
             return None
-        if "forward" in vars(inner) and not isinstance(getattr(inner, "seg_wrapped_by", None), SegRun):
-            self._plain_path("another extension wraps the sampler's model (Tiled Diffusion?)")
-            return None
-        self._wrap_inner(inner)
         rows = cond_rows(params.text_cond)
         at = first_block(target.ref for target in targets)
         return _Fork(unet, stock, at, rows, (params.x.shape[0], rows), targets)
 
-    def _wrap_inner(self, inner: nn.Module) -> None:
-        """Route the host's model call through ``_forked_call`` when this step's fork is armed."""
+    def _plan_replay(self, params: Any, targets: _Targets) -> _Replay | None:
+        """Another extension's wrapper owns the UNet's forward (an active ControlNet unit). Such wrappers keep
+        what they compute for the batch of the host's call (ControlNet caches its inpaint and reference
+        latents for that batch size), so SEG's branch repeats the host's call as it was, the cond rows
+        smoothed: the same batch, the same control for the cond rows."""
+        if not self._wrap_inner(params.denoiser.inner_model):
+            return None
+        self._plain_path("another extension wraps the UNet's forward (ControlNet?): the host's call repeated")
+        rows = cond_rows(params.text_cond)
+        return _Replay(rows, (params.x.shape[0], rows), targets)
+
+    def _wrap_inner(self, inner: Any) -> bool:
+        """Route the host's model call through ``_forked_call`` / ``_replayed_call`` when this step's plan is
+        armed; False (with the console line) when the sampler's model cannot be wrapped."""
+        if not isinstance(inner, nn.Module):
+            self._plain_path("the sampler's model wrapper is not a torch module")
+            return False
         if getattr(inner, "seg_wrapped_by", None) is self:
-            return
+            return True
+        if "forward" in vars(inner) and not isinstance(getattr(inner, "seg_wrapped_by", None), SegRun):
+            self._plain_path("another extension wraps the sampler's model (Tiled Diffusion?)")
+            return False
         plain = inner.forward
 
         @functools.wraps(plain)
@@ -242,10 +270,31 @@ class SegRun(Run):
             fork, self._fork = self._fork, None  # only the step's first call can hold every cond row first
             if fork is None or self.failed or not args or args[0].shape[0] not in fork.batches:
                 return plain(*args, **kwargs)
+            if isinstance(fork, _Replay):
+                return self._replayed_call(fork, plain, args, kwargs)
             return self._forked_call(fork, plain, args, kwargs)
 
         inner.forward = forward
         inner.seg_wrapped_by = self
+        return True
+
+    def _replayed_call(self, replay: _Replay, plain: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """The host's call, then the same call again with the cond rows (its first rows) smoothed."""
+        out = plain(*args, **kwargs)
+        blurred = [0]
+        try:
+            with (
+                self.host.extra_call(self._call_state),
+                self._smoothing(replay.targets, blurred, rows=slice(0, replay.rows)),
+            ):
+                again = plain(*args, **kwargs)
+        except Exception as error:  # SEG must never break the user's generation: the host's output stands
+            self.give_up(f"SEG failed and is off for the rest of this generation: {error!r}")
+            return out
+        self._forking = "ran"
+        if blurred[0]:
+            self._cond_seg = again[: replay.rows]
+        return out
 
     def _forked_call(self, fork: _Fork, plain: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """The host's call with the cond rows' copies appended, the UNet forked for its duration."""
@@ -265,7 +314,7 @@ class SegRun(Run):
         previous = vars(fork.unet).get("forward")  # an idle wrapper another extension keeps there stays
         fork.unet.forward = forward
         try:
-            with self._smoothing(fork.targets, blurred, rows=fork.rows):
+            with self._smoothing(fork.targets, blurred, rows=slice(-fork.rows, None)):
                 out = plain(*more_args, **more_kwargs)
         except Exception as error:  # SEG must never break the user's generation: redo the host's call as is
             out = error
@@ -362,7 +411,7 @@ class SegRun(Run):
         return [_Target(ref, attn1_module(unet, ref), spatial_transformer(unet, ref)) for ref in refs]
 
     @contextlib.contextmanager
-    def _smoothing(self, targets: _Targets, blurred: list[int], rows: int | None = None) -> Iterator[None]:
+    def _smoothing(self, targets: _Targets, blurred: list[int], rows: slice | None = None) -> Iterator[None]:
         """Hooks on each selected layer for the duration of one UNet call: its SpatialTransformer's input
         tells the grid of this very call (Deep Shrink, tiles and hires passes change it), and ``attn1.to_q``
         smooths the last ``rows`` rows of the queries on it (all rows when None)."""
@@ -387,7 +436,7 @@ class SegRun(Run):
                     smoothed = self.smoothed(target.ref, q, grid, why) if state["one"] else None
                     blurred[0] += smoothed is not None
                     return q if smoothed is None else smoothed[:, :1]
-                part = q if rows is None else q[-rows:]
+                part = q if rows is None else q[rows]
                 smoothed = self.smoothed(target.ref, part, grids.get(id(target.transformer)), why)
                 if smoothed is None:
                     return q

@@ -100,3 +100,23 @@ def fork_blocker(unet: nn.Module) -> str | None:
         if _foreign_hooks(module):
             return f"another extension hooks {type(module).__name__} at {path}"
     return None
+
+
+def _controlnet_hack(value: Any) -> bool:
+    file, name = _code(getattr(value, "__func__", value))
+    return file == "hook.py" and name in ("hacked_basic_transformer_inner_forward", "hacked_group_norm_forward")
+
+
+def seg_blocker(unet: nn.Module) -> str | None:
+    """Why SEG cannot run at all next to what is active on the UNet, or None.
+
+    sd-webui-controlnet's reference units and its StyleAlign batch option record the batch's hidden states in
+    one pass and read them in the next, inside its own UNet forward, with latents it caches for the batch
+    size of the first call and noise drawn at every call: no extra pass of SEG's can see the state the cond
+    rows saw (a batch of another size fails inside ControlNet). SEG then makes the image without its term."""
+    own = vars(unet).get("forward")
+    if own is None or idle_forward(unet, own) or _code(getattr(own, "__func__", own)) != ("hook.py", "forward_webui"):
+        return None
+    if any(_controlnet_hack(vars(module).get(name)) for module in unet.modules() for name in _REPLACEABLE):
+        return "a ControlNet reference unit (or its StyleAlign option) shares attention state across UNet calls"
+    return None

@@ -138,6 +138,7 @@ class ForgeRun(Run):
     step_shape: tuple[int, ...] = ()  # the step's latent shape, as the pre-CFG function saw it
     same_call_failed: bool = False  # the bigger call raised once: the separate call for the rest of the generation
     step_params: Any = None  # this step's CFGDenoiserParams: its ``x`` is what the step's real call gets
+    nothing_smoothed: bool = False  # the same call ran, but no selected layer could be smoothed this step
     fork_at: tuple[str, int] = ("input", 0)  # the first selected block: where the same call forks the branch
     fork_note: str = ""  # this step's same call: where it forked, or why not (for the console)
 
@@ -200,7 +201,7 @@ class ForgeRun(Run):
 
     def _pre_cfg(self, model: Any, cond: Any, uncond: Any, x: Any, timestep: Any, model_options: Any) -> tuple:
         """``sampler_pre_cfg_function``: decide, per step, whether the host's call may carry the smoothed rows."""
-        self.armed, self.cond_seg = False, None
+        self.armed, self.cond_seg, self.nothing_smoothed = False, None, False
         if self._seg_step(x):
             self.why_separate = _WRAPPER_MISSED
             blockers = same_call_blockers(model_options, own_keys=(GRID, SMOOTH_ROWS))
@@ -258,6 +259,8 @@ class ForgeRun(Run):
                 self.cond_seg = output[rows:].to(args["input"].dtype)
             elif counts["misplaced"]:
                 self.why_separate = "another UNet wrapper regroups the batch rows"
+            else:
+                self.nothing_smoothed = True  # each layer said why; a separate call would skip them too
             return output[:rows]
 
         def to(*args: Any, **kwargs: Any) -> Any:
@@ -364,7 +367,8 @@ class ForgeRun(Run):
             if not self._is_step_call(args["input"]):
                 return result  # a nested call of another extension: nothing of this step's is consumed
             cond_seg, self.cond_seg, self.armed = self.cond_seg, None, False
-            if not self._seg_step():
+            nothing_smoothed, self.nothing_smoothed = self.nothing_smoothed, False
+            if not self._seg_step() or nothing_smoothed:
                 return result
             try:
                 if cond_seg is not None and cond_seg.shape == args["cond_denoised"].shape:

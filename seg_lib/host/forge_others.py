@@ -46,14 +46,18 @@ HOST_KEYS = frozenset(
 def _row_wise_replace(function: object) -> bool:
     """Replace patches known to be row-wise: Forge's SAG records the uncond chunk's middle-block attention
     by ``cond_or_uncond``, which the same-call path extends, and computes its own pass after CFG."""
-    module = getattr(function, "__module__", "") or ""
     name = getattr(function, "__qualname__", "") or ""
-    return module.rsplit(".", 1)[-1] == "forge_sag" and name.endswith("attn_and_record")
+    return _module(function) == "forge_sag" and name.endswith("attn_and_record")
+
+
+def _module(function: object) -> str:
+    """The last part of a function's module name; the WebUIs load script files as modules named after the
+    file (``forge_reference.py``)."""
+    return (getattr(function, "__module__", "") or "?").removesuffix(".py").rsplit(".", 1)[-1]
 
 
 def _name(function: object) -> str:
-    module = (getattr(function, "__module__", "") or "?").rsplit(".", 1)[-1]
-    return f"{module}.{getattr(function, '__name__', type(function).__name__)}"
+    return f"{_module(function)}.{getattr(function, '__name__', type(function).__name__)}"
 
 
 def _foreign(functions: Iterable[object]) -> list[object]:

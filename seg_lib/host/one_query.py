@@ -32,11 +32,11 @@ def one_query_attention(
 
 
 @contextlib.contextmanager
-def one_query_attn1(modules: list[nn.Module], rows: int | None, state: dict[str, bool]) -> Iterator[None]:
-    """A1111 at sigma = inf, for one UNet call: each self-attention module runs the host's rows as they are and
-    the last ``rows`` rows (all when None) with ``state["one"]`` set, while its ``to_q`` hook returns one mean
-    query per row; the one output token is broadcast over the tokens. The host's own attention code runs both
-    parts (hypernetworks, upcasting and the chosen kernel included)."""
+def one_query_attn1(modules: list[nn.Module], rows: slice | None, state: dict[str, bool]) -> Iterator[None]:
+    """A1111 at sigma = inf, for one UNet call: each self-attention module runs the other rows as they are and
+    the ``rows`` (all when None) with ``state["one"]`` set, while its ``to_q`` hook returns one mean query per
+    row; the one output token is broadcast over the tokens. The host's own attention code runs every part
+    (hypernetworks, upcasting and the chosen kernel included)."""
     saved = []
     for module in modules:
         saved.append((module, vars(module).get("forward")))
@@ -51,18 +51,21 @@ def one_query_attn1(modules: list[nn.Module], rows: int | None, state: dict[str,
                 module.forward = previous
 
 
-def _split_forward(plain: Callable[..., torch.Tensor], rows: int | None, state: dict[str, bool]) -> Callable:
+def _split_forward(plain: Callable[..., torch.Tensor], rows: slice | None, state: dict[str, bool]) -> Callable:
     def forward(x: torch.Tensor, context: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         if context is not None or args:  # cross-attending: not SEG's self-attention, leave it alone
             return plain(x, context, *args, **kwargs)
-        host = 0 if rows is None else x.shape[0] - rows
-        parts = [plain(x[:host], **kwargs)] if host else []
+        start, stop, _ = (rows or slice(None)).indices(x.shape[0])
         state["one"] = True
         try:
-            out = plain(x[host:], **kwargs)
+            out = plain(x[start:stop], **kwargs)
         finally:
             state["one"] = False
-        parts.append(out.expand(-1, x.shape[1], -1) if out.shape[1] == 1 else out)
-        return torch.cat(parts) if host else parts[0]
+        parts = [out.expand(-1, x.shape[1], -1) if out.shape[1] == 1 else out]
+        if start:
+            parts.insert(0, plain(x[:start], **kwargs))
+        if stop < x.shape[0]:
+            parts.append(plain(x[stop:], **kwargs))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     return forward
