@@ -9,9 +9,11 @@ else the host's attention function). ``cond_seg`` comes from one of two paths:
 - same call (the fast path, Settings > Smoothed Energy Guidance): a pre-CFG function arms a
   ``model_function_wrapper`` for the step when the step is simple (one cond entry, no area or mask);
   the wrapper appends a copy of the cond chunk's rows to the host's own cond/uncond UNet call, marks
-  them as the only rows to smooth, and keeps their output for the post-CFG function. Anything it cannot
-  vouch for (ControlNet's ``control``, too little free memory, a wrapper that splits the batch) leaves
-  the call alone;
+  them as the only rows to smooth, and keeps their output for the post-CFG function. When the UNet runs
+  Forge's stock forward, the copies are forked at the first selected block (``forge_fork.py``: the
+  encoder runs once; ControlNet's residuals are carried to them). Anything it cannot vouch for
+  (ControlNet's ``control`` without the fork, too little free memory, a wrapper that splits the batch)
+  leaves the call alone;
 - separate call: the post-CFG function runs the conditional branch once more through the host's
   ``calc_cond_uncond_batch``, every row smoothed.
 
