@@ -9,7 +9,7 @@ from typing import Any
 
 from modules import script_callbacks, scripts, shared
 
-from seg_lib import api, settings, ui, xyz
+from seg_lib import api, names, settings, ui, xyz
 from seg_lib.core.paste import normalize_pasted
 from seg_lib.generation import params_for_generation
 from seg_lib.host import HOST
@@ -23,7 +23,8 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
     sorting_priority = 15  # Forge orders its always-on scripts by this
 
     def title(self) -> str:
-        return ui.TITLE
+        # The host finds alwayson_scripts by this; another "Smoothed Energy Guidance" may own the plain title.
+        return _api_title()
 
     def show(self, is_img2img: bool) -> Any:
         return scripts.AlwaysVisible
@@ -44,6 +45,18 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
         ADAPTER.finish(p)
 
 
+def _api_title() -> str:
+    cls = SmoothedEnergyGuidanceScript
+    return names.api_title(names.loaded_scripts(cls), cls)
+
+
+def _on_app_started(app: Any) -> None:
+    others, first = names.same_titled(names.loaded_scripts(SmoothedEnergyGuidanceScript), SmoothedEnergyGuidanceScript)
+    if others:
+        log(names.clash_message(others, first))
+    api.install(app, _api_title)
+
+
 def _on_infotext_pasted(_infotext: str, fields: dict[str, Any]) -> None:
     for warning in normalize_pasted(fields):
         log(f"pasted infotext: {warning}")
@@ -53,4 +66,4 @@ ADAPTER.install_callbacks(script_callbacks)
 settings.register(shared)  # at import, not on_ui_settings: an API-only WebUI never builds the settings page
 script_callbacks.on_infotext_pasted(_on_infotext_pasted)
 script_callbacks.on_before_ui(xyz.register_axes)
-script_callbacks.on_app_started(lambda _demo, app: api.install(app, ui.TITLE))
+script_callbacks.on_app_started(lambda _demo, app: _on_app_started(app))

@@ -37,5 +37,5 @@ def params_for_generation(p: Any, args: Sequence[Any]) -> SegParams:
         log(f"SEG is off for this generation: {error}")
         return SegParams()
     if params.enabled:
-        p.extra_generation_params.update(to_infotext(params))
+        p.extra_generation_params.update(to_infotext(params, hires_fix=bool(getattr(p, "enable_hr", False))))
     return params

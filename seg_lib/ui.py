@@ -11,9 +11,26 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from seg_lib.core.params import BLUR_SIGMA, BY_INFOTEXT, ENABLED, END, LAYERS, PARAMS, SCALE, START, Param
+from seg_lib import names
+from seg_lib.core.params import (
+    BLUR_SIGMA,
+    BY_INFOTEXT,
+    ENABLED,
+    END,
+    HIRES,
+    HIRES_BLUR_SIGMA,
+    HIRES_LAYERS,
+    HIRES_SCALE,
+    LAYERS,
+    PARAMS,
+    RESCALE,
+    RESCALE_MODE,
+    SCALE,
+    START,
+    Param,
+)
 
-TITLE = "Smoothed Energy Guidance"
+TITLE = names.TITLE  # the accordion's label, whatever title() answers (see names.py)
 SIGMA_CHOICES = ["inf", "1", "2", "4", "10", "16", "100"]
 CSS_CLASS = "seg-control"
 
@@ -30,6 +47,38 @@ def _slider(gr: Any, param: Param, elem_id: str, step: float) -> Any:
     )
 
 
+def _sigma(gr: Any, param: Param, elem_id: str) -> Any:
+    return gr.Dropdown(
+        choices=SIGMA_CHOICES,
+        value=param.format(param.default),
+        allow_custom_value=True,
+        label=f"{param.label} (inf = mean query)",
+        elem_id=elem_id,
+        elem_classes=[CSS_CLASS],
+    )
+
+
+def _layers(gr: Any, param: Param, elem_id: str) -> Any:
+    return gr.Textbox(
+        value=param.default,
+        label=param.label,
+        placeholder="m0, d0-d3, u0.4",
+        max_lines=1,
+        elem_id=elem_id,
+        elem_classes=[CSS_CLASS],
+    )
+
+
+def _choice(gr: Any, param: Param, elem_id: str) -> Any:
+    return gr.Dropdown(
+        choices=list(param.choices or ()),
+        value=param.default,
+        label=param.label,
+        elem_id=elem_id,
+        elem_classes=[CSS_CLASS],
+    )
+
+
 def build_controls(elem_id: Callable[[str], str]) -> list[Any]:
     """Create the accordion and its controls inside the current gradio context, in table order."""
     import gradio as gr
@@ -38,25 +87,19 @@ def build_controls(elem_id: Callable[[str], str]) -> list[Any]:
     with InputAccordion(ENABLED.default, label=TITLE, elem_id=elem_id(ENABLED.name)) as enabled:
         with gr.Row():
             scale = _slider(gr, SCALE, elem_id(SCALE.name), 0.1)
-            blur_sigma = gr.Dropdown(
-                choices=SIGMA_CHOICES,
-                value=BLUR_SIGMA.format(BLUR_SIGMA.default),
-                allow_custom_value=True,
-                label=f"{BLUR_SIGMA.label} (inf = mean query)",
-                elem_id=elem_id(BLUR_SIGMA.name),
-                elem_classes=[CSS_CLASS],
-            )
+            blur_sigma = _sigma(gr, BLUR_SIGMA, elem_id(BLUR_SIGMA.name))
         with gr.Row():
-            layers = gr.Textbox(
-                value=LAYERS.default,
-                label=LAYERS.label,
-                placeholder="m0, d0-d3, u0.4",
-                max_lines=1,
-                elem_id=elem_id(LAYERS.name),
-                elem_classes=[CSS_CLASS],
-            )
+            layers = _layers(gr, LAYERS, elem_id(LAYERS.name))
             start = _slider(gr, START, elem_id(START.name), 0.01)
             end = _slider(gr, END, elem_id(END.name), 0.01)
+        with gr.Row():
+            rescale = _slider(gr, RESCALE, elem_id(RESCALE.name), 0.01)
+            rescale_mode = _choice(gr, RESCALE_MODE, elem_id(RESCALE_MODE.name))
+        with gr.Row():  # the hires CFG scale is the WebUI's own field (Forge), not repeated here
+            hires = _choice(gr, HIRES, elem_id(HIRES.name))
+            hires_scale = _slider(gr, HIRES_SCALE, elem_id(HIRES_SCALE.name), 0.1)
+            hires_blur_sigma = _sigma(gr, HIRES_BLUR_SIGMA, elem_id(HIRES_BLUR_SIGMA.name))
+            hires_layers = _layers(gr, HIRES_LAYERS, elem_id(HIRES_LAYERS.name))
         # Tooltips for javascript/seg_tooltips.js, from the table (one source of truth).
         tips = {elem_id(param.name): param.help for param in PARAMS}
         gr.HTML(
@@ -64,7 +107,8 @@ def build_controls(elem_id: Callable[[str], str]) -> list[Any]:
             visible=False,
             elem_classes=["seg-tooltip-data"],
         )
-    controls = [enabled, scale, blur_sigma, layers, start, end]
+    controls = [enabled, scale, blur_sigma, layers, start, end, rescale, rescale_mode]
+    controls += [hires, hires_scale, hires_blur_sigma, hires_layers]
     assert len(controls) == len(PARAMS)
     return controls
 

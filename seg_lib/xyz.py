@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from seg_lib.core.params import BLUR_SIGMA, ENABLED, LAYERS, PARAMS, Param
+from seg_lib.core.params import ENABLED, HIRES, HIRES_OVERRIDES, PARAMS, Param
 
 OVERRIDES_ATTRIBUTE = "seg_xyz"  # per-cell overrides on the (copied) processing object
 
@@ -25,9 +26,12 @@ def overrides(p: Any) -> dict[str, Any]:
 def _apply(param: Param) -> Any:
     def apply(p: Any, value: Any, _values: Any) -> None:
         set_override(p, param.name, value)
-        # An axis over a SEG setting means SEG on in that cell, unless an "[SEG] Enabled" axis said otherwise.
+        # An axis over a SEG setting means SEG on in that cell, unless an "[SEG] Enabled" axis said otherwise;
+        # likewise an axis over a hires override value means "override" unless "[SEG] Hires fix" said otherwise.
         if param is not ENABLED and ENABLED.name not in overrides(p):
             set_override(p, ENABLED.name, True)
+        if param in HIRES_OVERRIDES and HIRES.name not in overrides(p):
+            set_override(p, HIRES.name, "override")
 
     return apply
 
@@ -59,8 +63,10 @@ def register_axes() -> bool:
         label = axis_label(param)
         if label in present:
             continue
-        # Text for the values XYZ cannot read as numbers ("inf", block lists, True/False).
-        kind = str if param in (ENABLED, BLUR_SIGMA, LAYERS) else float
+        # Text for the values XYZ cannot read as numbers ("inf", block lists, True/False, modes).
+        kind = float if param.numeric else str
         choices = xyz.boolean_choice(reverse=True) if param is ENABLED else None
+        if param.choices:
+            choices = functools.partial(list, param.choices)
         xyz.axis_options.append(xyz.AxisOption(label, kind, _apply(param), confirm=_confirm(param), choices=choices))
     return True

@@ -310,6 +310,8 @@ class UnetPatcher:
 
     def set_model_sampler_post_cfg_function(self, fn, disable_cfg1_optimization=False):
         self.model_options["sampler_post_cfg_function"] = [*self.model_options.get("sampler_post_cfg_function", []), fn]
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
 
     def add_sampler_pre_cfg_function(self, modifier, ensure_uniqueness=False):
         functions = self.model_options.setdefault("sampler_pre_cfg_function", [])

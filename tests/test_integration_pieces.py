@@ -112,8 +112,15 @@ def test_paste_round_trip_of_our_keys():
     params = SegParams(True, 2.5, 16.0, "d0-d3,m0", 0.1, 0.9)
     fields = dict(to_infotext(params))
     assert normalize_pasted(fields) == []
-    assert fields == to_infotext(params)
+    # the settings written only when not default get their default, so their controls are reset too
+    defaults = {"SEG Rescale": "0.0", "SEG Rescale Mode": "full", "SEG Hires": "same", "SEG Hires Scale": "3.0"}
+    assert fields == {**to_infotext(params), **defaults, "SEG Hires Sigma": "inf", "SEG Hires Layers": "m0"}
     assert seg_from_infotext(fields) == (params, [])
+    hires = SegParams(True, rescale=0.5, rescale_mode="snf", hires="override", hires_scale=6.0, hires_layers="u0")
+    fields = dict(to_infotext(hires, hires_fix=True))
+    assert normalize_pasted(fields) == []
+    assert fields == to_infotext(hires, hires_fix=True)
+    assert seg_from_infotext(fields) == (hires, [])
 
 
 def test_paste_skips_malformed_values_with_a_warning():
@@ -121,7 +128,9 @@ def test_paste_skips_malformed_values_with_a_warning():
     warnings = normalize_pasted(fields)
     assert len(warnings) == 1
     assert "SEG Sigma" in warnings[0]
-    assert fields == {"SEG Scale": "2.0", "SEG Layers": "m0"}
+    assert {key: fields[key] for key in ("SEG Scale", "SEG Layers")} == {"SEG Scale": "2.0", "SEG Layers": "m0"}
+    assert "SEG Sigma" not in fields  # its control keeps its value
+    assert fields["SEG Rescale"] == "0.0"  # absent optional settings go back to their default
 
 
 def test_paste_of_the_forge_comfyui_extension_keys():
@@ -139,7 +148,9 @@ def test_paste_of_the_forge_comfyui_extension_keys():
     listed = {**legacy, "seg_blur_sigma": "10", "seg_block_list": "d2.2-9,m0", "seg_sigma_start": "5"}
     params, notes = seg_from_infotext(listed)
     assert (params.blur_sigma, params.layers) == (10.0, "d2.2-9,m0")
-    assert "noise levels" in notes[0]
+    assert "assumes 20 steps" in notes[0]
+    assert "(noise levels)" in notes[1]
+    assert "approximation" in notes[1]
     assert seg_from_infotext({**legacy, "seg_enabled": "False"})[0] == SegParams()
     fields = dict(legacy)
     normalize_pasted(fields)
@@ -179,10 +190,29 @@ def test_xyz_axes_registered_once_in_table_order(monkeypatch):
         "[SEG] Layers",
         "[SEG] Start",
         "[SEG] End",
+        "[SEG] Rescale",
+        "[SEG] Rescale mode",
+        "[SEG] Hires fix",
+        "[SEG] Hires scale",
+        "[SEG] Hires blur sigma",
+        "[SEG] Hires layers",
     ]
     by_label = {option.label: option for option in module.axis_options}
     assert by_label["[SEG] Scale"].type is float
     assert by_label["[SEG] Blur sigma"].type is str
+    assert by_label["[SEG] Rescale"].type is float
+    assert by_label["[SEG] Rescale mode"].choices() == ["full", "partial", "snf"]
+    assert by_label["[SEG] Hires fix"].choices() == ["same", "off", "override"]
+    # an axis over a hires override value means "override" in its cells, unless a Hires fix axis says otherwise
+    cell = make_p()
+    by_label["[SEG] Hires scale"].apply(cell, 6.0, None)
+    assert getattr(cell, OVERRIDES_ATTRIBUTE) == {"hires_scale": 6.0, "enabled": True, "hires": "override"}
+    cell = make_p()
+    by_label["[SEG] Hires fix"].apply(cell, "off", None)
+    by_label["[SEG] Hires layers"].apply(cell, "u0", None)
+    assert getattr(cell, OVERRIDES_ATTRIBUTE)["hires"] == "off"
+    with pytest.raises(ValueError, match=r"SEG rescale mode \(rescale_mode\)"):
+        by_label["[SEG] Rescale mode"].confirm(cell, ["full", "half"])
     p = make_p()
     by_label["[SEG] Blur sigma"].apply(p, "inf", None)
     by_label["[SEG] Scale"].apply(p, 5.0, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -20,10 +21,32 @@ from seg_lib.core.params import (
 
 
 def test_table_order_names_and_defaults():
-    assert [p.name for p in PARAMS] == ["enabled", "scale", "blur_sigma", "layers", "start", "end"]
-    assert SegParams().values() == [False, 3.0, math.inf, "m0", 0.0, 1.0]
-    assert [p.label for p in PARAMS] == ["Enabled", "Scale", "Blur sigma", "Layers", "Start", "End"]
-    assert list(BY_INFOTEXT) == ["SEG Scale", "SEG Sigma", "SEG Layers", "SEG Start", "SEG End"]
+    # the first six are the original positional API order; new settings are appended after them
+    assert [p.name for p in PARAMS] == [
+        "enabled",
+        "scale",
+        "blur_sigma",
+        "layers",
+        "start",
+        "end",
+        "rescale",
+        "rescale_mode",
+        "hires",
+        "hires_scale",
+        "hires_blur_sigma",
+        "hires_layers",
+    ]
+    assert SegParams().values() == [False, 3.0, math.inf, "m0", 0.0, 1.0, 0.0, "full", "same", 3.0, math.inf, "m0"]
+    assert [p.label for p in PARAMS][:6] == ["Enabled", "Scale", "Blur sigma", "Layers", "Start", "End"]
+    assert list(BY_INFOTEXT)[:5] == ["SEG Scale", "SEG Sigma", "SEG Layers", "SEG Start", "SEG End"]
+    assert list(BY_INFOTEXT)[5:] == [
+        "SEG Rescale",
+        "SEG Rescale Mode",
+        "SEG Hires",
+        "SEG Hires Scale",
+        "SEG Hires Sigma",
+        "SEG Hires Layers",
+    ]
     assert all(p.help and p.rule for p in PARAMS)
 
 
@@ -86,6 +109,14 @@ def test_finite_sigma(value):
         ({"enabled": "maybe"}, "enabled (enabled)"),
         ({"enabled": 2}, "enabled (enabled)"),
         ({"start": 0.8, "end": 0.2}, "start (start) must not be after SEG end (end)"),
+        ({"rescale": 1.5}, "rescale (rescale)"),
+        ({"rescale": "-0.1"}, "rescale (rescale)"),
+        ({"rescale_mode": "half"}, "rescale mode (rescale_mode) must be one of full, partial, snf"),
+        ({"rescale_mode": 1}, "rescale mode (rescale_mode)"),
+        ({"hires": "maybe"}, "hires fix (hires) must be one of same, off, override"),
+        ({"hires_scale": 31}, "hires scale (hires_scale)"),
+        ({"hires_blur_sigma": 0}, "hires blur sigma (hires_blur_sigma)"),
+        ({"hires_layers": "q1"}, "hires layers (hires_layers)"),
     ],
 )
 def test_invalid_values_name_the_parameter(args, names):
@@ -98,8 +129,8 @@ def test_invalid_values_name_the_parameter(args, names):
 def test_unknown_and_surplus_arguments():
     with pytest.raises(ValueError, match=r"unknown argument.*sigma; known: enabled, scale, blur_sigma"):
         params_from_args({"enabled": True, "sigma": 3})
-    with pytest.raises(ValueError, match="at most 6 arguments"):
-        params_from_args([True, 3, "inf", "m0", 0, 1, "extra"])
+    with pytest.raises(ValueError, match="at most 12 arguments"):
+        params_from_args([True, 3, "inf", "m0", 0, 1, 0, "full", "same", 3, "inf", "m0", "extra"])
     with pytest.raises(ValueError, match="list or an object"):
         params_from_args("enabled")
 
@@ -151,11 +182,31 @@ fractions = st.floats(0, 1, allow_nan=False)
 sigmas = st.one_of(st.floats(0.01, 9999, allow_nan=False), st.just(math.inf))
 
 
-@given(scale=numbers, sigma=sigmas, layers=layer_texts, a=fractions, b=fractions)
+@given(
+    scale=numbers,
+    sigma=sigmas,
+    layers=layer_texts,
+    a=fractions,
+    b=fractions,
+    rescale=fractions,
+    mode=st.sampled_from(["full", "partial", "snf"]),
+    hires=st.sampled_from(["same", "off", "override"]),
+    hires_scale=numbers,
+    hires_sigma=sigmas,
+    hires_layers=layer_texts,
+)
 @settings(max_examples=200, deadline=None)
-def test_round_trips_are_exact(scale, sigma, layers, a, b):
-    params = SegParams(True, scale, sigma, layers, min(a, b), max(a, b))
-    assert params_from_infotext(to_infotext(params)) == (params, [])
+def test_round_trips_are_exact(
+    scale, sigma, layers, a, b, rescale, mode, hires, hires_scale, hires_sigma, hires_layers
+):
+    params = SegParams(
+        True, scale, sigma, layers, min(a, b), max(a, b), rescale, mode, hires, hires_scale, hires_sigma, hires_layers
+    )
+    # infotext leaves out what has no effect: a mode without rescale, hires values without the override
+    shown = replace(params, rescale_mode=mode if rescale else "full")
+    if hires != "override":
+        shown = replace(shown, hires_scale=3.0, hires_blur_sigma=math.inf, hires_layers="m0")
+    assert params_from_infotext(to_infotext(params, hires_fix=True)) == (shown, [])
     assert params_from_args(params.values()) == params
     assert params_from_args({p.name: v for p, v in zip(PARAMS, params.values(), strict=True)}) == params
     # API clients send text too (JSON has no infinity): formatted values parse back exactly.

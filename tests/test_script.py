@@ -11,6 +11,7 @@ import pytest
 
 from seg_lib.core.params import SegParams
 from seg_lib.host.run import RUN_ATTRIBUTE, on_cfg_denoiser
+from seg_lib.names import ALIAS, TITLE
 from tests.standins import make_p
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "seg.py"
@@ -88,3 +89,43 @@ def test_pasted_infotext_is_normalized(loaded):
     fields = {"Steps": "20"}
     registered["on_infotext_pasted"][0]("text", fields)
     assert fields["SEG Scale"] == "False"
+
+
+def _script_data(cls, path):
+    return SimpleNamespace(script_class=cls, path=path, basedir="", module=None)
+
+
+class _OtherSeg:  # another extension's script with our title (pamparamm's / incantations')
+    def title(self):
+        return "Smoothed Energy Guidance"
+
+
+class _Stateful:  # a title() that needs __init__ state: skipped, not fatal
+    def title(self):
+        return self.name
+
+
+@pytest.mark.parametrize(("ours_first", "expected"), [(True, TITLE), (False, ALIAS)])
+def test_title_and_startup_line_with_another_script_of_the_same_title(loaded, capsys, ours_first, expected):
+    module, registered, scripts = loaded
+    ours = _script_data(module.SmoothedEnergyGuidanceScript, "extensions/sd-webui-seg/scripts/seg.py")
+    other = _script_data(_OtherSeg, "extensions/sd-perturbed-attention/scripts/seg.py")
+    scripts.scripts_data = [_script_data(_Stateful, "x.py"), *([ours, other] if ours_first else [other, ours])]
+    assert module.SmoothedEnergyGuidanceScript().title() == expected
+    app = SimpleNamespace(middleware=[])
+    app.add_middleware = lambda cls, **kwargs: app.middleware.append(kwargs)
+    registered["on_app_started"][0](None, app)
+    out = capsys.readouterr().out
+    assert out.count("[SEG]") == 1
+    assert "extensions/sd-perturbed-attention/scripts/seg.py" in out
+    assert ALIAS in out
+    assert app.middleware[0]["title"]() == expected  # the API guard asks per request
+
+
+def test_no_startup_line_without_a_clash(loaded, capsys):
+    module, registered, scripts = loaded
+    scripts.scripts_data = [_script_data(module.SmoothedEnergyGuidanceScript, "seg.py")]
+    app = SimpleNamespace(add_middleware=lambda cls, **kwargs: None)
+    registered["on_app_started"][0](None, app)
+    assert capsys.readouterr().out == ""
+    assert module.SmoothedEnergyGuidanceScript().title() == TITLE

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from seg_lib.core.blocks import DEFAULT_LAYERS, normalize_layers
@@ -33,6 +33,12 @@ class Param:
     rule: str  # what a valid value is, for error messages
     parse: Callable[[Param, Any], Any]
     format: Callable[[Any], str]
+    choices: tuple[str, ...] | None = None  # the allowed words of a choice setting (dropdowns, XYZ)
+
+    @property
+    def numeric(self) -> bool:
+        """A bounded number (sliders, float XYZ axes); the rest are text: sigma, layers, choices, on/off."""
+        return self.parse is _parse_bounded
 
     def error(self, value: object) -> ValueError:
         return ValueError(f"SEG {self.label.lower()} ({self.name}) must be {self.rule}; got {value!r}")
@@ -92,6 +98,13 @@ def _parse_layers(param: Param, value: object) -> str:
     except ValueError as exc:
         detail = str(exc).removeprefix("layers: ")
         raise ValueError(f"SEG {param.label.lower()} ({param.name}): {detail}; got {value!r}") from None
+
+
+def _parse_choice(param: Param, value: object) -> str:
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word not in (param.choices or ()):
+        raise param.error(value)
+    return word
 
 
 def _format_number(value: float) -> str:
@@ -176,7 +189,80 @@ END = Param(
     format=_format_number,
 )
 
-PARAMS: tuple[Param, ...] = (ENABLED, SCALE, BLUR_SIGMA, LAYERS, START, END)
+RESCALE_MODES = ("full", "partial", "snf")
+RESCALE = Param(
+    name="rescale",
+    label="Rescale",
+    infotext="SEG Rescale",
+    default=0.0,
+    minimum=0.0,
+    maximum=1.0,
+    help="Tames over-saturation from a large SEG scale: 0 = off (plain SEG), 1 = the full rescale of the "
+    "chosen mode, in between a blend.",
+    rule="a number from 0 to 1",
+    parse=_parse_bounded,
+    format=_format_number,
+)
+RESCALE_MODE = Param(
+    name="rescale_mode",
+    label="Rescale mode",
+    infotext="SEG Rescale Mode",
+    default="full",
+    minimum=None,
+    maximum=None,
+    help="full: match the std of CFG + SEG to the cond prediction's; partial: the same for cond + SEG; "
+    "snf: per latent pixel, keep whichever of the CFG and SEG terms is more salient.",
+    rule=f"one of {', '.join(RESCALE_MODES)}",
+    parse=_parse_choice,
+    format=str,
+    choices=RESCALE_MODES,
+)
+HIRES_MODES = ("same", "off", "override")
+HIRES = Param(
+    name="hires",
+    label="Hires fix",
+    infotext="SEG Hires",
+    default="same",
+    minimum=None,
+    maximum=None,
+    help="SEG in the hires fix pass: same as the first pass, off, or override with the hires scale, "
+    "sigma and layers below (the hires CFG scale is the WebUI's own).",
+    rule=f"one of {', '.join(HIRES_MODES)}",
+    parse=_parse_choice,
+    format=str,
+    choices=HIRES_MODES,
+)
+HIRES_SCALE = replace(
+    SCALE, name="hires_scale", label="Hires scale", infotext="SEG Hires Scale", help="SEG scale in the hires pass."
+)
+HIRES_BLUR_SIGMA = replace(
+    BLUR_SIGMA,
+    name="hires_blur_sigma",
+    label="Hires blur sigma",
+    infotext="SEG Hires Sigma",
+    help="Blur sigma in the hires pass (inf = mean query).",
+)
+HIRES_LAYERS = replace(
+    LAYERS, name="hires_layers", label="Hires layers", infotext="SEG Hires Layers", help="Layers in the hires pass."
+)
+
+# New settings go at the END: old positional API calls must keep working.
+PARAMS: tuple[Param, ...] = (
+    ENABLED,
+    SCALE,
+    BLUR_SIGMA,
+    LAYERS,
+    START,
+    END,
+    RESCALE,
+    RESCALE_MODE,
+    HIRES,
+    HIRES_SCALE,
+    HIRES_BLUR_SIGMA,
+    HIRES_LAYERS,
+)
+RESCALE_PARAMS = (RESCALE, RESCALE_MODE)
+HIRES_OVERRIDES = (HIRES_SCALE, HIRES_BLUR_SIGMA, HIRES_LAYERS)
 BY_NAME: dict[str, Param] = {param.name: param for param in PARAMS}
 BY_INFOTEXT: dict[str, Param] = {param.infotext: param for param in PARAMS if param.infotext}
 
@@ -191,6 +277,12 @@ class SegParams:
     layers: str = LAYERS.default
     start: float = START.default
     end: float = END.default
+    rescale: float = RESCALE.default
+    rescale_mode: str = RESCALE_MODE.default
+    hires: str = HIRES.default
+    hires_scale: float = HIRES_SCALE.default
+    hires_blur_sigma: float = HIRES_BLUR_SIGMA.default
+    hires_layers: str = HIRES_LAYERS.default
 
     def __post_init__(self) -> None:
         for param in PARAMS:
@@ -227,11 +319,39 @@ def params_from_args(args: Sequence[Any] | Mapping[str, Any] | None) -> SegParam
     return SegParams(**{param.name: value for param, value in zip(PARAMS, args, strict=False)})
 
 
-def to_infotext(params: SegParams) -> dict[str, str]:
-    """Infotext entries for a generation: empty when SEG is off."""
+def for_pass(params: SegParams, hires_pass: bool) -> SegParams | None:
+    """The settings SEG runs with in one sampling pass (None: SEG off in it). Only the hires fix pass can
+    differ from the generation's settings; the step window and rescale are the same in both passes."""
+    if not params.enabled:
+        return None
+    if not hires_pass or params.hires == "same":
+        return params
+    if params.hires == "off":
+        return None
+    return replace(params, scale=params.hires_scale, blur_sigma=params.hires_blur_sigma, layers=params.hires_layers)
+
+
+def _written(param: Param, params: SegParams, hires_fix: bool) -> bool:
+    """Optional keys stay out of infotext at their defaults, so images made before them read the same."""
+    if param in RESCALE_PARAMS:
+        return params.rescale != RESCALE.default
+    if param is HIRES:
+        return hires_fix and params.hires != HIRES.default
+    if param in HIRES_OVERRIDES:
+        return hires_fix and params.hires == "override"
+    return True
+
+
+def to_infotext(params: SegParams, hires_fix: bool = False) -> dict[str, str]:
+    """Infotext entries for a generation: empty when SEG is off. ``hires_fix``: the generation has a hires
+    pass (only then are the hires settings written, and only when they are not the default)."""
     if not params.enabled:
         return {}
-    return {param.infotext: param.format(getattr(params, param.name)) for param in PARAMS if param.infotext}
+    return {
+        param.infotext: param.format(getattr(params, param.name))
+        for param in PARAMS
+        if param.infotext and _written(param, params, hires_fix)
+    }
 
 
 def has_seg_infotext(fields_: Mapping[str, Any]) -> bool:

@@ -34,7 +34,7 @@ from torch import nn
 
 from seg_lib.core.blocks import LayerRef
 from seg_lib.core.blur import is_infinite
-from seg_lib.core.guidance import cond_weights, in_step_window, seg_guidance
+from seg_lib.core.guidance import cond_weights, in_step_window, rescale_args, seg_guidance
 from seg_lib.host.a1111_others import fork_blocker, idle_forward, seg_blocker
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
 from seg_lib.host.one_query import one_query_attn1
@@ -186,7 +186,7 @@ class SegRun(Run):
 
     host: Host = field(default_factory=Host)
     _stash: Any = None  # this step's CFGDenoiserParams: the host reads its inputs back from it too
-    _targets: dict[int, _Targets | None] = field(default_factory=dict)
+    _targets: dict[tuple[int, str], _Targets | None] = field(default_factory=dict)
     _fork: _Fork | _Replay | None = None  # armed for the host's next model call of this step
     _cond_seg: torch.Tensor | None = None  # the smoothed branch the fast path computed this step
     _call_state: Any = None  # other extensions' per-call state before the host's call of this step
@@ -377,7 +377,10 @@ class SegRun(Run):
             weights = None
             if conds_list is not None and not all(pairs == [(i, 1.0)] for i, pairs in enumerate(conds_list)):
                 weights = cond_weights(conds_list, rows, dtype=result.dtype, device=result.device)
-            return seg_guidance(result, x_out[:rows], cond_seg, self.params.scale, weights)
+            uncond = x_out[-result.shape[0] :]  # the host's uncond rows (snf rescale reads them)
+            return seg_guidance(
+                result, x_out[:rows], cond_seg, self.params.scale, weights, **rescale_args(self.params, uncond)
+            )
         except Exception as error:  # SEG must never break the user's generation
             self.give_up(f"SEG failed and is off for the rest of this generation: {error!r}")
             return result
@@ -399,7 +402,7 @@ class SegRun(Run):
         return cond_seg
 
     def _targets_for(self, unet: nn.Module | None) -> _Targets | None:
-        key = id(unet)
+        key = (id(unet), self.params.layers)  # the hires pass may select other layers
         if key not in self._targets:
             self._targets[key] = self._resolve(unet)
         return self._targets[key]

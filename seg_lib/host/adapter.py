@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from seg_lib.core.params import SegParams, to_infotext
-from seg_lib.host.run import RUN_ATTRIBUTE, on_cfg_denoiser
+from seg_lib.core.params import BY_INFOTEXT, SegParams
+from seg_lib.host.run import RUN_ATTRIBUTE, is_hires_pass, on_cfg_denoiser
 from seg_lib.log import log
 
 
@@ -51,7 +51,7 @@ class ForgeAdapter:
 
     def before_sampling(self, p: Any) -> None:
         run = getattr(p, RUN_ATTRIBUTE, None)
-        if run is not None:
+        if run is not None and run.enter_pass(is_hires_pass(p)):
             run.patch(p)
 
     def finish(self, p: Any) -> None:
@@ -70,7 +70,7 @@ class UnsupportedAdapter:
     def start(self, p: Any, params: SegParams) -> None:
         if params.enabled:
             log(f"SEG does not support this WebUI ({self.host}); generating without SEG")
-            for key in to_infotext(params):
+            for key in BY_INFOTEXT:
                 p.extra_generation_params.pop(key, None)
 
     def before_sampling(self, p: Any) -> None:

@@ -32,7 +32,7 @@ import torch
 
 from seg_lib.core.blocks import LayerRef
 from seg_lib.core.blur import is_infinite
-from seg_lib.core.guidance import in_step_window, seg_guidance
+from seg_lib.core.guidance import in_step_window, needs_uncond, rescale_args, seg_guidance
 from seg_lib.host import forge_fork
 from seg_lib.host.forge_others import same_call_blockers
 from seg_lib.host.fork import first_block
@@ -169,7 +169,9 @@ class ForgeRun(Run):
         self.fork_at = first_block(refs)
         counts = {"smoothed": 0, "misplaced": 0}
         patches = {(ref.part, ref.index, ref.transformer): self._attn1_patch(ref, counts) for ref in refs}
-        unet.set_model_sampler_post_cfg_function(self._post_cfg_function(patches, counts))
+        # snf fuses the CFG term, so at CFG 1 Forge must still compute the uncond prediction
+        post_cfg = self._post_cfg_function(patches, counts)
+        unet.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=needs_uncond(self.params))
         self.armed, self.cond_seg = False, None
         if self.host.fast_path():
             self.why_separate = _WRAPPER_MISSED
@@ -389,7 +391,8 @@ class ForgeRun(Run):
                 # The host scales CFG by the summed AND weights when they do not sum to 1; so is SEG.
                 strength = sum(item.get("strength", 1) for item in args["cond"])
                 scale = self.params.scale * (1.0 if math.isclose(strength, 1.0) else strength)
-                return seg_guidance(result, args["cond_denoised"], cond_seg, scale)
+                uncond = args["uncond_denoised"]
+                return seg_guidance(result, args["cond_denoised"], cond_seg, scale, **rescale_args(self.params, uncond))
             except Exception as error:  # SEG must never break the user's generation
                 self.give_up(f"SEG failed and is off for the rest of this generation: {error!r}")
                 return result

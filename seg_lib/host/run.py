@@ -9,7 +9,7 @@ import torch
 
 from seg_lib.core.blocks import LayerRef, resolve_layers
 from seg_lib.core.blur import smooth_queries
-from seg_lib.core.params import SegParams, to_infotext
+from seg_lib.core.params import BY_INFOTEXT, SegParams, for_pass
 from seg_lib.host.unet_layout import is_stock_unet, read_layout
 from seg_lib.log import log
 
@@ -18,12 +18,26 @@ RUN_ATTRIBUTE = "seg_run"  # a generation's run lives on its processing object, 
 
 @dataclass
 class Run:
-    """One generation's SEG state."""
+    """One generation's SEG state. ``params`` are the settings of the sampling pass now running (the hires
+    fix pass may have its own, see ``enter_pass``); ``generation`` the settings the generation was given."""
 
     p: Any
     params: SegParams
     failed: bool = False
     _said: set[str] = field(default_factory=set)
+    generation: SegParams | None = None
+
+    def __post_init__(self) -> None:
+        if self.generation is None:
+            self.generation = self.params
+
+    def enter_pass(self, hires_pass: bool) -> bool:
+        """Take the settings of the pass now sampling (first pass or hires fix); False: SEG is off in it."""
+        params = for_pass(self.generation, hires_pass)
+        if params is None:
+            return False
+        self.params = params
+        return True
 
     def on_denoiser(self, params: Any) -> None:
         """Called from ``on_cfg_denoiser`` at every step of this generation."""
@@ -71,12 +85,19 @@ class Run:
         """Stop SEG for the rest of this generation; its images must not claim SEG in their infotext."""
         self.failed = True
         self.say_once("give-up", message)
-        for key in to_infotext(self.params):
+        for key in BY_INFOTEXT:
             self.p.extra_generation_params.pop(key, None)
 
 
+def is_hires_pass(p: Any) -> bool:
+    """Whether ``p`` is sampling its hires fix pass (A1111 1.10 and Forge set ``is_hr_pass`` for its duration)."""
+    return bool(getattr(p, "is_hr_pass", False))
+
+
 def on_cfg_denoiser(params: Any) -> None:
-    """The one ``on_cfg_denoiser`` callback (both hosts): hands the step to the generation's run, if any."""
-    run = getattr(getattr(params.denoiser, "p", None), RUN_ATTRIBUTE, None)
-    if isinstance(run, Run):
+    """The one ``on_cfg_denoiser`` callback (both hosts): hands the step to the generation's run, if any,
+    with the settings of the pass it belongs to (nothing at all in a pass where SEG is off)."""
+    p = getattr(params.denoiser, "p", None)
+    run = getattr(p, RUN_ATTRIBUTE, None)
+    if isinstance(run, Run) and run.enter_pass(is_hires_pass(p)):
         run.on_denoiser(params)

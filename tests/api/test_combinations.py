@@ -190,8 +190,9 @@ COMBINATIONS: dict[str, Build] = {
 }
 
 
-def request(host: Host, name: str, seg: dict[str, Any] | None, fast: bool = True) -> list[Any]:
+def request(host: Host, name: str, seg: dict[str, Any] | None, fast: bool = True, **more: Any) -> list[Any]:
     kind, fields, scripts = COMBINATIONS[name](host)
+    fields = {**fields, **more}
     payload: dict[str, Any] = {
         "prompt": "a lighthouse on a cliff",
         "negative_prompt": "blurry",
@@ -229,6 +230,12 @@ def test_combination_keeps_the_image_and_the_fast_path_is_exact(host: Host, name
             assert torch.equal(a, c), "SEG skipped: the image is the one without SEG"
             assert torch.equal(b, c), "SEG skipped: the image is the one without SEG"
         return
+    if all(torch.equal(a, c) for a, c in zip(fast, off, strict=True)):
+        # Forge main's soft inpainting (as tried) returns the same image at CFG 5 and 15 too: nothing that
+        # guides the denoiser can show there. Only then is "SEG did not move the image" not SEG's doing.
+        stronger = request(host, name, {"enabled": False}, cfg_scale=15)
+        if all(torch.equal(a, c) for a, c in zip(stronger, off, strict=True)):
+            pytest.skip(f"{name}: this WebUI's image does not depend on the guidance here (CFG 15 changes nothing)")
     for a, b, c in zip(fast, separate, off, strict=True):
         apart, moved = int((a - b).abs().max()), float((a - c).abs().float().mean())
         print(f"{name}: fast vs separate max {apart}/255; on vs off mean {moved:.2f}/255")
