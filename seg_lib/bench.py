@@ -2,9 +2,13 @@
 
     python -m seg_lib.bench            # layer table + whole-pass table (the latter needs diffusers)
     python -m seg_lib.bench --quick    # fewer repetitions, 512x512 only
+    python -m seg_lib.bench --threads 1  # one torch thread (steadier on a busy machine)
 
 Layer table: for each self-attention level of SD1.5 and SDXL at 512x512 and 1024x1024, the time of
 ``smooth_queries`` on one row of queries next to the attention (PyTorch SDPA, same shapes) it feeds.
+Smoothed-attention table: the self-attention of one smoothed row, blur included, at a finite sigma (blur,
+then attention for every query) and at sigma = inf (the mean query, then attention for that one query,
+broadcast: ``host/one_query.py``).
 Whole-pass table: one conditional UNet pass of the real architecture (diffusers' UNet2DConditionModel,
 random weights) with the blur hooked into the middle block's queries, next to the same pass without it;
 the blur's own time is summed inside the hooks. Each pair of numbers is measured interleaved in one run.
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 from seg_lib.core.blur import smooth_queries
 from seg_lib.core.grid import grid_at_depth
+from seg_lib.host.one_query import one_query_attention
 
 SIGMAS = (1.0, 10.0, math.inf)
 
@@ -94,6 +99,67 @@ def layer_table(sizes: tuple[int, ...], reps: int) -> list[str]:
                         f"| {model} | {size} | {level.name} | {h}x{w} | {level.channels} | {sigma:g} | "
                         f"{t_blur * 1e3:.3f} | {t_attn * 1e3:.3f} | {t_blur / t_attn:.2%} |"
                     )
+    return lines
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Forge's PyTorch attention: ``[B, N, heads * d]`` in and out."""
+    b, _, c = q.shape
+    split = [t.view(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, -1, c)
+
+
+def _looped(function: Callable[[], object], at_least: float = 0.05) -> tuple[Callable[[], None], int]:
+    """``function`` repeated enough times to take ``at_least`` seconds, and that count: a sub-millisecond
+    operation timed alone mostly measures the scheduler on a busy machine."""
+    start = time.perf_counter()
+    function()
+    count = max(1, math.ceil(at_least / max(time.perf_counter() - start, 1e-6)))
+
+    def looped() -> None:
+        for _ in range(count):
+            function()
+
+    return looped, count
+
+
+def _smoothed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], heads: int, sigma: float
+) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    def finite() -> torch.Tensor:
+        return _sdpa(smooth_queries(q, *grid, sigma), k, v, heads)
+
+    def infinite() -> torch.Tensor:
+        mean = smooth_queries(q, *grid, math.inf)[:, :1]  # the adapters' path: the grid-checked mean
+        return one_query_attention(_sdpa, q, k, v, heads, slice(0, None), mean)
+
+    return finite, infinite
+
+
+def smoothed_attention_table(sizes: tuple[int, ...], reps: int, sigma: float = 10.0) -> list[str]:
+    """One smoothed row's self-attention, blur included: finite ``sigma`` vs sigma = inf (one query)."""
+    lines = [
+        f"| model | image | layer | grid | sigma {sigma:g} ms | sigma inf ms | inf / finite |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for model, levels in MODELS.items():
+        for size in sizes:
+            latent = size // 8
+            for level in levels:
+                h, w = grid_at_depth(latent, latent, level.depth)
+                q, k, v = (torch.randn(1, h * w, level.channels, generator=gen) for _ in range(3))
+                reps_here = max(2, reps // 4) if h * w >= 8192 else reps
+
+                (finite, n_finite), (infinite, n_inf) = map(
+                    _looped, _smoothed_attention(q, k, v, (h, w), level.heads, sigma)
+                )
+                t_finite, t_inf = _median_pair(finite, infinite, reps_here)
+                t_finite, t_inf = t_finite / n_finite, t_inf / n_inf
+                lines.append(
+                    f"| {model} | {size} | {level.name} | {h}x{w} | {t_finite * 1e3:.3f} | {t_inf * 1e3:.3f} | "
+                    f"{t_inf / t_finite:.2%} |"
+                )
     return lines
 
 
@@ -179,12 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
     parser.add_argument("--pass-reps", type=int, default=3, help="repetitions of each whole UNet pass")
     parser.add_argument("--no-pass", action="store_true", help="skip the whole-pass table")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:  # on a shared machine one thread avoids waiting on a descheduled worker at every op
+        torch.set_num_threads(args.threads)
     reps = args.reps or (5 if args.quick else 20)
     sizes = (512,) if args.quick else (512, 1024)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu\n")
     print("Blur of one row of queries vs the self-attention it feeds (same shapes):\n")
     print("\n".join(layer_table(sizes, reps)))
+    print("\nA smoothed row's self-attention, blur included: finite sigma vs sigma = inf (one query per row):\n")
+    print("\n".join(smoothed_attention_table(sizes, reps)))
     if not args.no_pass:
         configs = [("SD1.5", 512)] if args.quick else [("SD1.5", 512), ("SDXL", 1024)]
         print("\nOne conditional UNet pass with the middle block's queries blurred (sigma 10):\n")

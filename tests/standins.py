@@ -324,7 +324,8 @@ class Denoiser:
             return {"c_crossattn": [c], "c_concat": [ic]}
 
         if batch_cond_uncond:
-            x_out = self.inner_model(x_in, sigma_in, cond=condition(cond_in, image_cond_in[: x_in.shape[0]]))
+            # image_cond_in whole, as the host passes it: on skip-uncond steps it has more rows than x_in
+            x_out = self.inner_model(x_in, sigma_in, cond=condition(cond_in, image_cond_in))
         else:  # the host's loop when "batch cond/uncond" is off: batch_size rows per call
             x_out = torch.zeros_like(x_in)
             for a in range(0, x_out.shape[0], batch_size):

@@ -290,3 +290,15 @@ def test_row_copies_of_the_hosts_call_arguments():
     for bad in ({"flag": "yes"}, torch.zeros(2, 4), torch.tensor(1.0)):
         with pytest.raises(NotRows):
             with_row_copies(bad, 3, 2)
+
+
+@pytest.mark.parametrize("sigma", [2.0, math.inf])
+def test_skip_early_cfg_steps_fork_too(sigma, capsys):
+    """On skip-uncond steps the host passes image_cond with the uncond rows still in it: the fork cuts them."""
+    rig = _fast_rig(blur_sigma=sigma)
+    result = rig.step(skip_uncond=True)
+    assert rig.inner.calls == [4]  # 2 cond rows + their 2 copies, one call
+    assert "fast path, forked from the conditional branch" in capsys.readouterr().out
+    reference = Rig(SegParams(enabled=True, blur_sigma=sigma), fast=False)
+    torch.testing.assert_close(result, reference.step(skip_uncond=True), rtol=1e-9, atol=1e-9)
+    assert reference.inner.calls == [2, 2]

@@ -33,9 +33,11 @@ import torch
 from torch import nn
 
 from seg_lib.core.blocks import LayerRef
+from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import cond_weights, in_step_window, rescale_args, seg_guidance
 from seg_lib.host.a1111_others import fork_blocker, idle_forward, seg_blocker
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
+from seg_lib.host.one_query import one_query_attn1
 from seg_lib.host.run import Run
 from seg_lib.host.unet_layout import attn1_module, spatial_transformer
 from seg_lib.settings import fast_path_enabled
@@ -298,8 +300,8 @@ class SegRun(Run):
         """The host's call with the cond rows' copies appended, the UNet forked for its duration."""
         batch = args[0].shape[0]
         try:
-            more_args = with_row_copies(args, batch, fork.rows)
-            more_kwargs = with_row_copies(kwargs, batch, fork.rows)
+            more_args = with_row_copies(args, batch, fork.rows, cut=True)
+            more_kwargs = with_row_copies(kwargs, batch, fork.rows, cut=True)
         except NotRows as error:
             self._forking = "no"
             self._plain_path(f"the model call has {error}")
@@ -419,12 +421,24 @@ class SegRun(Run):
         grids: dict[int, tuple[int, int]] = {}
         why = self.host.token_regrouping()
 
+        # sigma = inf: attention for one mean query per row (one_query.py), on layers whose attn1 no other
+        # extension wraps (Hypertile draws its tiles at every call: a split call would draw them twice)
+        one_query = {
+            id(t.attn1) for t in targets if is_infinite(self.params.blur_sigma) and "forward" not in vars(t.attn1)
+        }
+        state = {"one": False}
+
         def see_grid(module: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
                 grids[id(module)] = tuple(args[0].shape[-2:])
 
         def hook_for(target: _Target) -> Callable[..., torch.Tensor]:
             def smooth(_module: nn.Module, _args: object, q: torch.Tensor) -> torch.Tensor:
+                if id(target.attn1) in one_query:  # its forward passes the rows to smooth alone, state["one"] set
+                    grid = grids.get(id(target.transformer))
+                    smoothed = self.smoothed(target.ref, q, grid, why) if state["one"] else None
+                    blurred[0] += smoothed is not None
+                    return q if smoothed is None else smoothed[:, :1]
                 part = q if rows is None else q[rows]
                 smoothed = self.smoothed(target.ref, part, grids.get(id(target.transformer)), why)
                 if smoothed is None:
@@ -441,7 +455,8 @@ class SegRun(Run):
         handles = [module.register_forward_pre_hook(see_grid) for module in transformers.values()]
         try:
             handles += [target.attn1.to_q.register_forward_hook(hook_for(target)) for target in targets]
-            yield
+            with one_query_attn1([t.attn1 for t in targets if id(t.attn1) in one_query], rows, state):
+                yield
         finally:
             for handle in handles:
                 handle.remove()

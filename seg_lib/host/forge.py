@@ -9,9 +9,11 @@ else the host's attention function). ``cond_seg`` comes from one of two paths:
 - same call (the fast path, Settings > Smoothed Energy Guidance): a pre-CFG function arms a
   ``model_function_wrapper`` for the step when the step is simple (one cond entry, no area or mask);
   the wrapper appends a copy of the cond chunk's rows to the host's own cond/uncond UNet call, marks
-  them as the only rows to smooth, and keeps their output for the post-CFG function. Anything it cannot
-  vouch for (ControlNet's ``control``, too little free memory, a wrapper that splits the batch) leaves
-  the call alone;
+  them as the only rows to smooth, and keeps their output for the post-CFG function. When the UNet runs
+  Forge's stock forward, the copies are forked at the first selected block (``forge_fork.py``: the
+  encoder runs once; ControlNet's residuals are carried to them). Anything it cannot vouch for
+  (ControlNet's ``control`` without the fork, too little free memory, a wrapper that splits the batch)
+  leaves the call alone;
 - separate call: the post-CFG function runs the conditional branch once more through the host's
   ``calc_cond_uncond_batch``, every row smoothed.
 
@@ -29,9 +31,13 @@ from typing import Any
 import torch
 
 from seg_lib.core.blocks import LayerRef
+from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import in_step_window, needs_uncond, rescale_args, seg_guidance
+from seg_lib.host import forge_fork
 from seg_lib.host.forge_others import same_call_blockers
+from seg_lib.host.fork import first_block
 from seg_lib.host.marks import owned
+from seg_lib.host.one_query import one_query_attention
 from seg_lib.host.run import Run
 from seg_lib.settings import fast_path_enabled
 
@@ -89,6 +95,7 @@ class ForgeHost:
     attention: Any  # attention(q, k, v, heads) -> [B, N, heads * dim_head]
     free_memory: Any = None  # free_memory(device) -> bytes: the host's memory management; None: never enlarge
     opts: Any = None  # the WebUI's shared.opts
+    unet_forwards: Any = None  # {the host's stock UNet forward: its family} (forge_fork.py); None: never fork
 
     @staticmethod
     def load(host: str) -> ForgeHost:
@@ -99,12 +106,16 @@ class ForgeHost:
             from backend.attention import attention_function
             from backend.sampling.sampling_function import calc_cond_uncond_batch
 
-            return ForgeHost(calc_cond_uncond_batch, attention_function, memory_management.get_free_memory, opts)
+            forwards = forge_fork.stock_forwards(host)
+            return ForgeHost(
+                calc_cond_uncond_batch, attention_function, memory_management.get_free_memory, opts, forwards
+            )
         from ldm_patched.ldm.modules.attention import optimized_attention
         from ldm_patched.modules import model_management
         from ldm_patched.modules.samplers import calc_cond_uncond_batch
 
-        return ForgeHost(calc_cond_uncond_batch, optimized_attention, model_management.get_free_memory, opts)
+        forwards = forge_fork.stock_forwards(host)
+        return ForgeHost(calc_cond_uncond_batch, optimized_attention, model_management.get_free_memory, opts, forwards)
 
     def fast_path(self) -> bool:
         return fast_path_enabled(self.opts)
@@ -130,6 +141,8 @@ class ForgeRun(Run):
     same_call_failed: bool = False  # the bigger call raised once: the separate call for the rest of the generation
     step_params: Any = None  # this step's CFGDenoiserParams: its ``x`` is what the step's real call gets
     nothing_smoothed: bool = False  # the same call ran, but no selected layer could be smoothed this step
+    fork_at: tuple[str, int] = ("input", 0)  # the first selected block: where the same call forks the branch
+    fork_note: str = ""  # this step's same call: where it forked, or why not (for the console)
 
     def on_denoiser(self, params: Any) -> None:
         """``on_cfg_denoiser``: Forge still reports the step here, which the window needs."""
@@ -153,6 +166,7 @@ class ForgeRun(Run):
             return
         unet = objects.unet.clone()
         _add_block_inner_modifier(unet, _see_grid)
+        self.fork_at = first_block(refs)
         counts = {"smoothed": 0, "misplaced": 0}
         patches = {(ref.part, ref.index, ref.transformer): self._attn1_patch(ref, counts) for ref in refs}
         # snf fuses the CFG term, so at CFG 1 Forge must still compute the uncond prediction
@@ -226,10 +240,12 @@ class ForgeRun(Run):
             self.armed = False
             output = enlarged = None
             try:
-                enlarged = self._enlarged(apply_model, args, patches)
+                plan = self._fork_plan(apply_model, args)
+                enlarged = self._enlarged(apply_model, args, patches, forge_fork.CARRIED if plan else ())
                 if enlarged is not None:
                     counts.update(smoothed=0, misplaced=0)
-                    output = call(apply_model, enlarged)
+                    with forge_fork.forked(plan):
+                        output = call(apply_model, enlarged)
                     if output.shape[0] != enlarged["input"].shape[0]:
                         raise ValueError(f"the UNet returned {output.shape[0]} rows for {enlarged['input'].shape[0]}")
             except Exception as error:
@@ -261,8 +277,32 @@ class ForgeRun(Run):
         wrapper.seg_previous = lambda: chained["previous"]  # what forge_others checks behind ours
         return wrapper
 
+    def _fork_plan(self, apply_model: Any, args: dict[str, Any]) -> forge_fork.ForkPlan | None:
+        """The fork for this call (the branch computed from the first selected block on), or None with the
+        reason kept for the console: the copies then run through the whole UNet, or the separate call."""
+        unet = getattr(getattr(apply_model, "__self__", None), "diffusion_model", None)
+        cond_or_uncond = list(args["cond_or_uncond"])
+        size = args["input"].shape[0] // max(len(cond_or_uncond), 1)
+        if not self.host.unet_forwards or cond_or_uncond.count(COND) != 1 or unet is None:
+            self.fork_note = "not forked: no known UNet forward"
+            return None
+        first = cond_or_uncond.index(COND) * size
+        plan = forge_fork.plan_fork(
+            unet, self.host.unet_forwards, self.fork_at, args, slice(first, first + size), (SMOOTH_ROWS,)
+        )
+        if isinstance(plan, str):
+            self.fork_note = f"not forked: {plan}"
+            return None
+        part, index = self.fork_at
+        self.fork_note = f"forked from the conditional branch at {part} block {index}"
+        return plan
+
     def _enlarged(
-        self, apply_model: Any, args: dict[str, Any], patches: dict[tuple[str, int, int], Any]
+        self,
+        apply_model: Any,
+        args: dict[str, Any],
+        patches: dict[tuple[str, int, int], Any],
+        carried: tuple[str, ...] = (),
     ) -> dict[str, Any] | None:
         """The wrapper's args with a copy of the cond chunk's rows appended and marked for smoothing, or None
         (with the reason kept for the console) when this call cannot carry them."""
@@ -277,8 +317,12 @@ class ForgeRun(Run):
             self.why_separate = "the UNet call's rows are not the step's latents"
             return None
         # Only tensors with a row per batch row can be extended; ControlNet's control (a dict of lists)
-        # and anything unknown cannot.
-        other = sorted(key for key, value in c.items() if key != "transformer_options" and not _is_batch(value, rows))
+        # and anything unknown cannot, unless the fork carries it (``carried``).
+        other = sorted(
+            key
+            for key, value in c.items()
+            if key != "transformer_options" and key not in carried and not _is_batch(value, rows)
+        )
         if other:
             self.why_separate = f"the UNet call carries {', '.join(map(repr, other))} (ControlNet?)"
             return None
@@ -291,7 +335,7 @@ class ForgeRun(Run):
         def grow(tensor: torch.Tensor) -> torch.Tensor:
             return torch.cat([tensor, tensor[cond_rows]])
 
-        enlarged_c = {key: grow(value) for key, value in c.items() if key != "transformer_options"}
+        enlarged_c = {key: grow(value) if _is_batch(value, rows) else value for key, value in c.items()}
         enlarged_c["transformer_options"] = self._enlarged_options(
             c.get("transformer_options", {}), patches, rows, size
         )
@@ -332,7 +376,8 @@ class ForgeRun(Run):
                 return result
             try:
                 if cond_seg is not None and cond_seg.shape == args["cond_denoised"].shape:
-                    self.say_once("path:same", "smoothed branch computed in the same UNet call as cond/uncond")
+                    note = self.fork_note
+                    self.say_once(f"path:same:{note}", f"smoothed branch computed in the same UNet call ({note})")
                 else:
                     reason = self.why_separate
                     self.say_once(f"path:separate:{reason}", f"separate extra UNet call ({reason})")
@@ -364,6 +409,10 @@ class ForgeRun(Run):
                 counts["misplaced"] += 1  # a wrapper regrouped the batch: the marked rows are not these
             elif rows is not None:
                 smoothed = self.smoothed(ref, q[rows], extra_options.get(GRID), _regrouping_hint(extra_options))
+                if smoothed is not None and inner is None and is_infinite(self.params.blur_sigma):
+                    counts["smoothed"] += 1  # one mean query per row: attention for one query, broadcast
+                    heads = extra_options["n_heads"]
+                    return one_query_attention(self.host.attention, q, k, v, heads, rows, smoothed[:, :1])
                 if smoothed is not None:
                     # The marked rows run to the end of the batch; a new tensor, the host's q stays as it was.
                     q = torch.cat([q[: rows.start], smoothed]) if rows.start else smoothed

@@ -70,17 +70,21 @@ class NotRows(ValueError):
     """A model-call argument that is not laid out one row per batch entry."""
 
 
-def with_row_copies(value: Any, batch: int, rows: int) -> Any:
+def with_row_copies(value: Any, batch: int, rows: int, *, cut: bool = False) -> Any:
     """``value`` (a tensor, or lists/dicts of them, one row per batch entry) with copies of its first
-    ``rows`` rows appended."""
+    ``rows`` rows appended. ``cut``: a tensor with more rows than the batch is cut to the batch first (on
+    A1111's skip-early-CFG and NGMS steps x loses its uncond rows but image_cond keeps them; those rows
+    belong to no row of the call)."""
     if isinstance(value, torch.Tensor):
+        if cut and value.ndim and value.shape[0] > batch:
+            value = value[:batch]
         if value.ndim == 0 or value.shape[0] != batch:
             raise NotRows(f"a tensor of shape {tuple(value.shape)} in a batch of {batch}")
         return torch.cat([value, value[:rows]])
     if isinstance(value, list | tuple):
-        return type(value)(with_row_copies(item, batch, rows) for item in value)
+        return type(value)(with_row_copies(item, batch, rows, cut=cut) for item in value)
     if isinstance(value, dict):
-        return {key: with_row_copies(item, batch, rows) for key, item in value.items()}
+        return {key: with_row_copies(item, batch, rows, cut=cut) for key, item in value.items()}
     raise NotRows(f"a {type(value).__name__}")
 
 
