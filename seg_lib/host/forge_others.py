@@ -6,9 +6,10 @@ next. Forge's Reference (``attn1`` replace patches that record keys/values in on
 next, plus a conditioning modifier that runs a nested sampling call), StyleAlign (attention shared across the
 batch), IP-Adapter (``attn2`` replace patches) and MultiDiffusion (a UNet function wrapper that regroups
 rows into tiles) do not qualify; ControlNet's residuals are handled by the fork (``forge_fork``), which
-gives the copies the cond rows' residuals, and otherwise keep the step on the separate call. SEG decides this *before* the call, from the model options the
-step runs with, so that a failed attempt can never leave another extension's state half-written; a step
-that does not qualify uses the separate call, which every one of them handles as the host's own calls.
+gives the copies the cond rows' residuals, and otherwise keep the step on the separate call. SEG decides
+this *before* the call, from the model options the step runs with, so that a failed attempt can never
+leave another extension's state half-written; a step that does not qualify uses the separate call, which
+every one of them handles as the host's own calls.
 """
 
 from __future__ import annotations
