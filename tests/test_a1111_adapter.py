@@ -40,7 +40,8 @@ BLOCKS = {
 
 def _transformer(unet: TinyUNet, part: str, index: int) -> SpatialTransformer:
     block = unet.middle_block if part == "middle" else getattr(unet, f"{part}_blocks")[index]
-    return next(m for m in block.modules() if isinstance(m, SpatialTransformer))  # also inside a wrapper
+    # by class name: also the Forge stand-ins' own SpatialTransformer, and inside a wrapper module
+    return next(m for m in block.modules() if type(m).__name__ == "SpatialTransformer")
 
 
 def _reference_blur(q: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:

@@ -10,8 +10,6 @@ wrapper and ControlNet-style residuals. Run level: the whole same-call path equa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -24,44 +22,13 @@ from seg_lib.host.forge_fork import FORGE, ForkPlan, forked_forward, plan_fork
 from tests import standins_forge_unet
 from tests.standins import CONTEXT, WIDTH
 from tests.standins_forge_unet import IntegratedUNet2DConditionModel
-from tests.test_a1111_adapter import BLOCKS, _reference_blur
+from tests.test_a1111_adapter import BLOCKS, reference_smoothing
 from tests.test_forge_adapter import ForgeRig
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 STOCK = {IntegratedUNet2DConditionModel.forward: FORGE}
 COND = slice(2, 4)  # Forge batches the uncond chunk first: rows 0-1 uncond, 2-3 cond
-
-
-def _transformer(unet, part: str, index: int):
-    block = unet.middle_block if part == "middle" else getattr(unet, f"{part}_blocks")[index]
-    return next(m for m in block if type(m).__name__ == "SpatialTransformer")
-
-
-@contextmanager
-def smoothing(unet, names: list[str], sigma: float, rows: int | None = None) -> Iterator[None]:
-    """Blur the named layers' queries (the last ``rows`` rows, when given) on the grid of each transformer's
-    real input."""
-    handles = []
-    for name in names:
-        transformer = _transformer(unet, *BLOCKS[name])
-        shape: dict[str, tuple[int, int]] = {}
-
-        def remember(_m, args, shape=shape):
-            shape["hw"] = tuple(args[0].shape[-2:])
-
-        def blur(_m, _a, q, shape=shape):
-            if rows is None:
-                return _reference_blur(q, *shape["hw"], sigma)
-            return torch.cat([q[:-rows], _reference_blur(q[-rows:], *shape["hw"], sigma)])
-
-        handles.append(transformer.register_forward_pre_hook(remember))
-        handles += [block.attn1.to_q.register_forward_hook(blur) for block in transformer.transformer_blocks]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # -- host patches, each a function of each row alone -----------------------------------------------------
@@ -176,7 +143,7 @@ def test_forked_rows_equal_a_separate_smoothed_pass(names, kind, sigma):
     with torch.no_grad():
         host_options = _options(kind, [1, 0])
         stock_host = unet(x, t, context, y, control=residuals(x) if control else None, transformer_options=host_options)
-        with smoothing(unet, names, sigma):
+        with reference_smoothing(unet, names, sigma):
             stock_seg = unet(
                 x[COND], t[COND], context[COND], y[COND],
                 control=residuals(x[COND]) if control else None, transformer_options=_options(kind, [0]),
@@ -186,7 +153,7 @@ def test_forked_rows_equal_a_separate_smoothed_pass(names, kind, sigma):
         plan = plan_fork(unet, STOCK, at, args, COND, (SMOOTH_ROWS,))
         assert isinstance(plan, ForkPlan), plan
         enlarged = {**_options(kind, [1, 0, 0]), SMOOTH_ROWS: slice(4, 6)}
-        with smoothing(unet, names, sigma, rows=2):
+        with reference_smoothing(unet, names, sigma, rows=2):
             out = forked_forward(
                 plan, _grow(x), _grow(t), _grow(context), _grow(y),
                 control=residuals(x) if control else None, transformer_options=enlarged,
