@@ -15,6 +15,7 @@ from tests.api.probes import ON, ProbeCheck
 from tests.api.webui import (
     INPAINT,
     SD15,
+    SDXL,
     SEG_KEYS,
     call,
     generate,
@@ -47,12 +48,21 @@ def _stop_mid_generation(action: str, *, forge: bool) -> dict[str, Any]:
     return {"case": action, "at_step": at_step, "of_steps": 8, "status": result.get("status")}
 
 
+def _has_checkpoint(title: str) -> bool:
+    status, models, _ = call("/sdapi/v1/sd-models")
+    return status == 200 and any(model.get("title", "").startswith(title) for model in models)
+
+
 def _model_switch(*, forge: bool) -> dict[str, Any]:
+    """SD1.5 -> SDXL -> inpainting -> SD1.5, a SEG request on each (the SDXL leg when the WebUI has one)."""
+    legs = [("txt2img", SDXL)] if _has_checkpoint(SDXL) else []
+    legs += [("txt2img", INPAINT), ("inpaint", INPAINT), ("txt2img", SD15)]
     statuses = []
-    for kind, checkpoint in [("txt2img", INPAINT), ("inpaint", INPAINT), ("txt2img", SD15)]:
+    for kind, checkpoint in legs:
         body, _ = generate(kind, ON, forge=forge, override_settings={"sd_model_checkpoint": checkpoint})
         statuses.append({"kind": kind, "checkpoint": checkpoint, "seg_in_infotext": SEG_KEYS[0] in body["info"]})
-    return {"case": "model switch SD1.5 -> inpainting -> SD1.5 (SDXL leg not run)", "requests": statuses}
+    route = " -> ".join(["SD1.5", *(("SDXL",) if legs[0][1] == SDXL else ()), "inpainting", "SD1.5"])
+    return {"case": f"model switch {route}", "requests": statuses}
 
 
 def _broken_checkpoint(folder: Path, *, forge: bool) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from tests.api.probes import ProbeCheck
-from tests.api.webui import SEG_KEYS, call, endpoint, images, payload, rss_mib
+from tests.api.webui import SEG_KEYS, call, endpoint, images, live_objects, payload, rss_mib
 
 KINDS = ["txt2img", "txt2img", "img2img", "inpaint", "hires"]
 LAYERS = ["m0", "d0-d5", "u0-u8", "d2,m0,u3", "m0.0", "u1-u3", "d0,u8", "d1-d3,u4.0", "input4", "output3"]
@@ -78,6 +78,7 @@ def run_soak(host: str, *, forge: bool, total: int = 200, block: int = 40, seed:
     requests = plan(total, block, seed, samplers())
     probes = ProbeCheck(host, forge=forge)
     rss = {"start": rss_mib()}
+    live = {"start": live_objects()}  # SEG's own objects alive between generations (the probe extension)
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     began = time.perf_counter()
@@ -87,6 +88,9 @@ def run_soak(host: str, *, forge: bool, total: int = 200, block: int = 40, seed:
             rss[f"after {index}"] = rss_mib()
         if index == block:
             rss["after warm-up"] = rss_mib()  # the first block ran every kind of request once at least
+            live["after warm-up"] = live_objects()
+        if index == total - block:
+            rss["before the repeated block"] = rss_mib()
         request = payload(item["kind"], item["seg"], forge=forge, **item["fields"])
         status, body, seconds = call(endpoint(item["kind"]), request)
         on = item["seg"] is not None and _on(item["seg"])
@@ -101,12 +105,17 @@ def run_soak(host: str, *, forge: bool, total: int = 200, block: int = 40, seed:
         results.append(result)
     probes.check(f"after request {len(requests)}")
     rss["end"] = rss_mib()
+    live["end"] = live_objects()
     repeat = results[-block:]
     pairs = zip(repeat, results[:block], strict=True)
     mismatches = [again["index"] for again, first in pairs if again.get("pixels") != first.get("pixels")]
     first_on = [r for r in results[:block] if r["on"]][:20]
     last_on = [results[len(results) - block + (r["index"])] for r in first_on]
     drift = sum(r["seconds"] for r in last_on) / sum(r["seconds"] for r in first_on) - 1
+    # the same for the repeated block's SEG-off requests: how much the machine itself drifted meanwhile
+    first_off = [r for r in results[:block] if not r["on"]]
+    last_off = [results[len(results) - block + r["index"]] for r in first_off]
+    drift_off = sum(r["seconds"] for r in last_off) / sum(r["seconds"] for r in first_off) - 1 if first_off else None
     return {
         "requests": len(requests),
         "errors": errors,
@@ -117,9 +126,13 @@ def run_soak(host: str, *, forge: bool, total: int = 200, block: int = 40, seed:
         "samplers": sorted({s["fields"]["sampler_name"] for s in requests}),
         "rss_mib": {key: round(value, 1) for key, value in rss.items()},
         "rss_growth_after_warmup_mib": round(rss["end"] - rss["after warm-up"], 1),
+        "rss_growth_over_repeated_block_mib": round(rss["end"] - rss["before the repeated block"], 1),
+        "seg_live_objects": live,
         "repeat_block_mismatches": mismatches,
         "drift_last20_vs_first20_seg_on": round(drift, 4),
         "first20_seg_on_seconds": round(sum(r["seconds"] for r in first_on), 2),
         "last20_seg_on_seconds": round(sum(r["seconds"] for r in last_on), 2),
+        "drift_repeated_block_seg_off": None if drift_off is None else round(drift_off, 4),
+        "seconds": [[r["kind"], r["on"], round(r["seconds"], 2)] for r in results],
         **probes.figures(),
     }

@@ -1,7 +1,8 @@
 """A small client for the reliability runs (soak, faults, concurrency, HTTP fuzz) against a running WebUI.
 
 Requests are kept tiny (SD1.5, 64-128 px, 1-3 steps) so that hundreds of them fit in minutes on a CPU.
-Settings (environment): ``SEG_WEBUI_URL``; ``SEG_SD15_CHECKPOINT`` / ``SEG_INPAINT_CHECKPOINT`` titles.
+Settings (environment): ``SEG_WEBUI_URL``; ``SEG_SD15_CHECKPOINT`` / ``SEG_INPAINT_CHECKPOINT`` /
+``SEG_SDXL_CHECKPOINT`` titles.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ URL = os.environ.get("SEG_WEBUI_URL", "").rstrip("/")
 TITLE = "Smoothed Energy Guidance"
 SD15 = os.environ.get("SEG_SD15_CHECKPOINT", "random-sd15.safetensors")
 INPAINT = os.environ.get("SEG_INPAINT_CHECKPOINT", "random-sd15-inpainting.safetensors")
+SDXL = os.environ.get("SEG_SDXL_CHECKPOINT", "random-sdxl.safetensors")
 SEG_KEYS = ("SEG Scale", "SEG Sigma", "SEG Layers", "SEG Start", "SEG End")
 OFF = [False, 3.0, "inf", "m0", 0.0, 1.0]
 
@@ -136,6 +138,12 @@ def registrations() -> dict[str, Any] | None:
     """What SEG registered in the host, from the test-only probe extension (tests/api/seg_probe); None
     when the probe is not installed."""
     status, body, _ = call("/seg-probe/registrations")
+    return body if status == 200 else None
+
+
+def live_objects() -> dict[str, Any] | None:
+    """SEG's live objects in the server after a full collection (tests/api/seg_probe); None without it."""
+    status, body, _ = call("/seg-probe/live")
     return body if status == 200 else None
 
 
