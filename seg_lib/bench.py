@@ -20,7 +20,7 @@ import argparse
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -71,11 +71,23 @@ def _median_pair(first: Callable[[], object], second: Callable[[], object], reps
     return statistics.median(a), statistics.median(b)
 
 
-def layer_table(sizes: tuple[int, ...], reps: int) -> list[str]:
-    lines = [
-        "| model | image | layer | grid | C | sigma | blur ms | attention ms | blur/attention |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+@dataclass(frozen=True)
+class Case:
+    """One attention layer to time: its model, image size, level, token grid, random q/k/v and repetitions."""
+
+    model: str
+    size: int
+    level: Level
+    h: int
+    w: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    reps: int
+
+
+def _cases(sizes: tuple[int, ...], reps: int) -> Iterator[Case]:
+    """Every level of every model at every size, with the same seeded inputs in every table."""
     gen = torch.Generator().manual_seed(0)
     for model, levels in MODELS.items():
         for size in sizes:
@@ -83,22 +95,32 @@ def layer_table(sizes: tuple[int, ...], reps: int) -> list[str]:
             for level in levels:
                 h, w = grid_at_depth(latent, latent, level.depth)
                 q, k, v = (torch.randn(1, h * w, level.channels, generator=gen) for _ in range(3))
-                heads = [t.view(1, h * w, level.heads, -1).transpose(1, 2) for t in (q, k, v)]
-                reps_here = max(2, reps // 4) if h * w >= 8192 else reps
+                reps_here = max(2, reps // 4) if h * w >= 8192 else reps  # the largest grids take long
+                yield Case(model, size, level, h, w, q, k, v, reps_here)
 
-                def attention(heads: list[torch.Tensor] = heads) -> torch.Tensor:
-                    return F.scaled_dot_product_attention(*heads)
 
-                for sigma in SIGMAS:
+def layer_table(sizes: tuple[int, ...], reps: int) -> list[str]:
+    lines = [
+        "| model | image | layer | grid | C | sigma | blur ms | attention ms | blur/attention |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in _cases(sizes, reps):
+        h, w, level = case.h, case.w, case.level
+        heads = [t.view(1, h * w, level.heads, -1).transpose(1, 2) for t in (case.q, case.k, case.v)]
 
-                    def blur(q: torch.Tensor = q, h: int = h, w: int = w, s: float = sigma) -> torch.Tensor:
-                        return smooth_queries(q, h, w, s)
+        def attention(heads: list[torch.Tensor] = heads) -> torch.Tensor:
+            return F.scaled_dot_product_attention(*heads)
 
-                    t_blur, t_attn = _median_pair(blur, attention, reps_here)
-                    lines.append(
-                        f"| {model} | {size} | {level.name} | {h}x{w} | {level.channels} | {sigma:g} | "
-                        f"{t_blur * 1e3:.3f} | {t_attn * 1e3:.3f} | {t_blur / t_attn:.2%} |"
-                    )
+        for sigma in SIGMAS:
+
+            def blur(q: torch.Tensor = case.q, h: int = h, w: int = w, s: float = sigma) -> torch.Tensor:
+                return smooth_queries(q, h, w, s)
+
+            t_blur, t_attn = _median_pair(blur, attention, case.reps)
+            lines.append(
+                f"| {case.model} | {case.size} | {level.name} | {h}x{w} | {level.channels} | {sigma:g} | "
+                f"{t_blur * 1e3:.3f} | {t_attn * 1e3:.3f} | {t_blur / t_attn:.2%} |"
+            )
     return lines
 
 
@@ -142,24 +164,16 @@ def smoothed_attention_table(sizes: tuple[int, ...], reps: int, sigma: float = 1
         f"| model | image | layer | grid | sigma {sigma:g} ms | sigma inf ms | inf / finite |",
         "|---|---|---|---|---|---|---|",
     ]
-    gen = torch.Generator().manual_seed(0)
-    for model, levels in MODELS.items():
-        for size in sizes:
-            latent = size // 8
-            for level in levels:
-                h, w = grid_at_depth(latent, latent, level.depth)
-                q, k, v = (torch.randn(1, h * w, level.channels, generator=gen) for _ in range(3))
-                reps_here = max(2, reps // 4) if h * w >= 8192 else reps
-
-                (finite, n_finite), (infinite, n_inf) = map(
-                    _looped, _smoothed_attention(q, k, v, (h, w), level.heads, sigma)
-                )
-                t_finite, t_inf = _median_pair(finite, infinite, reps_here)
-                t_finite, t_inf = t_finite / n_finite, t_inf / n_inf
-                lines.append(
-                    f"| {model} | {size} | {level.name} | {h}x{w} | {t_finite * 1e3:.3f} | {t_inf * 1e3:.3f} | "
-                    f"{t_inf / t_finite:.2%} |"
-                )
+    for case in _cases(sizes, reps):
+        (finite, n_finite), (infinite, n_inf) = map(
+            _looped, _smoothed_attention(case.q, case.k, case.v, (case.h, case.w), case.level.heads, sigma)
+        )
+        t_finite, t_inf = _median_pair(finite, infinite, case.reps)
+        t_finite, t_inf = t_finite / n_finite, t_inf / n_inf
+        lines.append(
+            f"| {case.model} | {case.size} | {case.level.name} | {case.h}x{case.w} | {t_finite * 1e3:.3f} | "
+            f"{t_inf * 1e3:.3f} | {t_inf / t_finite:.2%} |"
+        )
     return lines
 
 

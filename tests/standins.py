@@ -129,6 +129,53 @@ class _TorchHijackForUnet:
         return torch.cat(tensors, *args, **kwargs)
 
 
+@dataclass(frozen=True)
+class ToyParts:
+    """A host's module classes for the toy UNet's blocks (``tests.standins_forge_unet`` has Forge's)."""
+
+    sequence: type[nn.Module]
+    res_block: type[nn.Module]
+    transformer: type[nn.Module]
+    downsample: type[nn.Module]
+    upsample: type[nn.Module]
+
+
+def add_toy_blocks(unet: nn.Module, parts: ToyParts, in_channels: int, depth: int) -> None:
+    """The toy UNet's three block lists, the same on both hosts so that a layer selection means the same layer.
+
+    Depths: input 1 (depth 0), input 3 (depth 1), middle (depth 2), output 0 (2), 2 (1), 4 (0)."""
+    seq, res, st = parts.sequence, parts.res_block, parts.transformer
+    unet.input_blocks = nn.ModuleList(
+        [
+            seq(nn.Conv2d(in_channels, WIDTH, 3, padding=1)),
+            seq(res(WIDTH), st(WIDTH, depth)),
+            seq(parts.downsample()),
+            seq(res(WIDTH), st(WIDTH, depth)),
+            seq(parts.downsample()),
+        ]
+    )
+    unet.middle_block = seq(res(WIDTH), st(WIDTH, depth), res(WIDTH))
+    unet.output_blocks = nn.ModuleList(
+        [
+            seq(res(2 * WIDTH), st(WIDTH, depth), parts.upsample()),
+            seq(res(2 * WIDTH)),
+            seq(res(2 * WIDTH), st(WIDTH, depth), parts.upsample()),
+            seq(res(2 * WIDTH)),
+            seq(res(2 * WIDTH), st(WIDTH, depth)),
+        ]
+    )
+
+
+def sharpen_self_attention(unet: nn.Module, block_type: type[nn.Module]) -> None:
+    """Sharp self-attention, so that blurring its queries visibly moves the output."""
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, block_type):
+                module.attn1.to_q.weight.mul_(6.0)
+                module.attn1.to_k.weight.mul_(6.0)
+                module.attn1.to_v.weight.mul_(3.0)
+
+
 th = _TorchHijackForUnet()  # read by TinyUNet.forward from this module's globals, as ldm's forward reads its own
 
 
@@ -157,32 +204,9 @@ class TinyUNet(nn.Module):
         self.num_classes = None if adm_in is None else "sequential"
         if adm_in is not None:
             self.label_emb = nn.Sequential(nn.Linear(adm_in, WIDTH))
-        self.input_blocks = nn.ModuleList(
-            [
-                Sequence(nn.Conv2d(in_channels, WIDTH, 3, padding=1)),
-                Sequence(ResBlock(WIDTH), SpatialTransformer(WIDTH, depth)),
-                Sequence(Downsample()),
-                Sequence(ResBlock(WIDTH), SpatialTransformer(WIDTH, depth)),
-                Sequence(Downsample()),
-            ]
-        )
-        self.middle_block = Sequence(ResBlock(WIDTH), SpatialTransformer(WIDTH, depth), ResBlock(WIDTH))
-        self.output_blocks = nn.ModuleList(
-            [
-                Sequence(ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth), Upsample()),
-                Sequence(ResBlock(2 * WIDTH)),
-                Sequence(ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth), Upsample()),
-                Sequence(ResBlock(2 * WIDTH)),
-                Sequence(ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth)),
-            ]
-        )
+        add_toy_blocks(self, ToyParts(Sequence, ResBlock, SpatialTransformer, Downsample, Upsample), in_channels, depth)
         self.out = nn.Conv2d(WIDTH, 4, 3, padding=1)
-        with torch.no_grad():  # sharp self-attention, so that blurring its queries visibly moves the output
-            for module in self.modules():
-                if isinstance(module, BasicTransformerBlock):
-                    module.attn1.to_q.weight.mul_(6.0)
-                    module.attn1.to_k.weight.mul_(6.0)
-                    module.attn1.to_v.weight.mul_(3.0)
+        sharpen_self_attention(self, BasicTransformerBlock)
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
         hs = []

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.standins import CONTEXT, WIDTH, CrossAttention
+from tests.standins import CONTEXT, WIDTH, CrossAttention, ToyParts, add_toy_blocks, sharpen_self_attention
 
 
 def apply_control(h, control, name):
@@ -148,33 +148,10 @@ class IntegratedUNet2DConditionModel(nn.Module):
         self.num_classes = None if adm_in is None else "sequential"
         if adm_in is not None:
             self.label_emb = nn.Sequential(nn.Linear(adm_in, WIDTH))
-        seq = TimestepEmbedSequential
-        self.input_blocks = nn.ModuleList(
-            [
-                seq(nn.Conv2d(in_channels, WIDTH, 3, padding=1)),
-                seq(ResBlock(WIDTH), SpatialTransformer(WIDTH, depth)),
-                seq(Downsample()),
-                seq(ResBlock(WIDTH), SpatialTransformer(WIDTH, depth)),
-                seq(Downsample()),
-            ]
-        )
-        self.middle_block = seq(ResBlock(WIDTH), SpatialTransformer(WIDTH, depth), ResBlock(WIDTH))
-        self.output_blocks = nn.ModuleList(
-            [
-                seq(ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth), Upsample()),
-                seq(ResBlock(2 * WIDTH)),
-                seq(ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth), Upsample()),
-                seq(ResBlock(2 * WIDTH)),
-                seq(ResBlock(2 * WIDTH), SpatialTransformer(WIDTH, depth)),
-            ]
-        )
+        parts = ToyParts(TimestepEmbedSequential, ResBlock, SpatialTransformer, Downsample, Upsample)
+        add_toy_blocks(self, parts, in_channels, depth)
         self.out = nn.Sequential(nn.GroupNorm(2, WIDTH), nn.SiLU(), nn.Conv2d(WIDTH, 4, 3, padding=1))
-        with torch.no_grad():  # sharp self-attention, so that blurring its queries visibly moves the output
-            for module in self.modules():
-                if isinstance(module, BasicTransformerBlock):
-                    module.attn1.to_q.weight.mul_(6.0)
-                    module.attn1.to_k.weight.mul_(6.0)
-                    module.attn1.to_v.weight.mul_(3.0)
+        sharpen_self_attention(self, BasicTransformerBlock)
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
         transformer_options["original_shape"] = list(x.shape)

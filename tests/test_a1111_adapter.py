@@ -137,6 +137,13 @@ class Rig:
         with torch.no_grad(), reference_smoothing(self.unet, list(names), sigma):
             return KDiffusionWrapper(self.sd_model)(rows_x, rows_sigma, cond)
 
+    def cond_and_delta(self, names=("m0",), sigma=math.inf, image_cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One cond row per image: its prediction, and ``cond - cond_seg`` with ``names`` smoothed (the SEG term
+        before the scale)."""
+        cond_rows = torch.stack(self.cond)
+        x0_cond = self.predict(self.x, self.sigma, cond_rows, image_cond)
+        return x0_cond, x0_cond - self.predict(self.x, self.sigma, cond_rows, image_cond, names=names, sigma=sigma)
+
 
 def _to_q_hooks(unet: nn.Module) -> int:
     return sum(len(m.to_q._forward_hooks) for m in unet.modules() if hasattr(m, "to_q"))
@@ -160,12 +167,10 @@ def test_on_is_cfg_plus_seg_term_with_the_exact_grid(layers, names, sigma, fast)
     params = SegParams(enabled=True, scale=3.0, blur_sigma=sigma, layers=layers)
     rig = Rig(params, height=11, width=7, fast=fast)  # non-square, odd: grids 11x7, 6x4, 3x2
     result = rig.step(cond_scale=7.0)
-    cond_rows = torch.stack(rig.cond)
-    x0_cond = rig.predict(rig.x, rig.sigma, cond_rows)
-    x0_seg = rig.predict(rig.x, rig.sigma, cond_rows, names=names, sigma=sigma)
-    expected = rig.plain(cond_scale=7.0) + 3.0 * (x0_cond - x0_seg)
+    _, delta = rig.cond_and_delta(names, sigma)
+    expected = rig.plain(cond_scale=7.0) + 3.0 * delta
     torch.testing.assert_close(result, expected, rtol=1e-9, atol=1e-9)
-    assert (x0_cond - x0_seg).abs().max() > 1e-2  # the blur really changed the prediction
+    assert delta.abs().max() > 1e-2  # the blur really changed the prediction
     # fast: one host call with the cond rows' copies appended; else the host call, then a cond-only call
     assert rig.inner.calls == ([6] if fast else [4, 2])
     assert _to_q_hooks(rig.unet) == 0
@@ -181,20 +186,16 @@ def test_scale_zero_changes_nothing_but_runs():
 def test_condition_free_at_cfg_one(fast):
     rig = Rig(fast=fast, params=SegParams(enabled=True, scale=2.0))
     result = rig.step(cond_scale=1.0)
-    cond_rows = torch.stack(rig.cond)
-    x0_cond = rig.predict(rig.x, rig.sigma, cond_rows)
-    x0_seg = rig.predict(rig.x, rig.sigma, cond_rows, names=["m0"])
-    torch.testing.assert_close(result, x0_cond + 2.0 * (x0_cond - x0_seg), rtol=1e-9, atol=1e-9)
+    x0_cond, delta = rig.cond_and_delta()
+    torch.testing.assert_close(result, x0_cond + 2.0 * delta, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_skipped_uncond_step_still_gets_seg(fast):
     rig = Rig(fast=fast, params=SegParams(enabled=True))
     result = rig.step(skip_uncond=True)
-    cond_rows = torch.stack(rig.cond)
-    x0_cond = rig.predict(rig.x, rig.sigma, cond_rows)
-    x0_seg = rig.predict(rig.x, rig.sigma, cond_rows, names=["m0"])
-    torch.testing.assert_close(result, x0_cond + 3.0 * (x0_cond - x0_seg), rtol=1e-9, atol=1e-9)
+    x0_cond, delta = rig.cond_and_delta()
+    torch.testing.assert_close(result, x0_cond + 3.0 * delta, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -217,8 +218,7 @@ def test_instruct_pix2pix_edit_model(fast):
     rig = Rig(fast=fast, params=SegParams(enabled=True))
     rig.denoiser.image_cfg_scale = 1.5
     result = rig.step(edit=True)
-    cond_rows = torch.stack(rig.cond)
-    delta = rig.predict(rig.x, rig.sigma, cond_rows) - rig.predict(rig.x, rig.sigma, cond_rows, names=["m0"])
+    _, delta = rig.cond_and_delta()
     bare = Rig(None)
     bare.denoiser.image_cfg_scale = 1.5
     torch.testing.assert_close(result, bare.step(edit=True) + 3.0 * delta, rtol=1e-9, atol=1e-9)
@@ -234,10 +234,7 @@ def test_inpainting_model_gets_its_image_conditioning_and_keeps_the_unmasked_are
     rig.denoiser.mask, rig.denoiser.nmask, rig.denoiser.init_latent = mask, 1 - mask, init_latent
     result = rig.step()
     assert torch.equal(result[mask.expand_as(result) == 1], init_latent[mask.expand_as(result) == 1])
-    cond_rows = torch.stack(rig.cond)
-    delta = rig.predict(rig.x, rig.sigma, cond_rows, rig.image_cond) - rig.predict(
-        rig.x, rig.sigma, cond_rows, rig.image_cond, names=["m0"]
-    )
+    _, delta = rig.cond_and_delta(image_cond=rig.image_cond)
     bare = Rig(None, unet=rig.unet)
     bare.image_cond = rig.image_cond
     bare.denoiser.mask, bare.denoiser.nmask, bare.denoiser.init_latent = mask, 1 - mask, init_latent
@@ -321,8 +318,7 @@ def test_merged_tokens_are_skipped_with_one_line(capsys):
     rig = Rig(SegParams(enabled=True, layers="d0,m0,u2"), unet=unet)
     result = rig.step()
     rig.step()
-    cond_rows = torch.stack(rig.cond)
-    delta = rig.predict(rig.x, rig.sigma, cond_rows) - rig.predict(rig.x, rig.sigma, cond_rows, names=["m0"])
+    _, delta = rig.cond_and_delta()
     torch.testing.assert_close(result, rig.plain() + 3.0 * delta, rtol=1e-9, atol=1e-9)
     out = capsys.readouterr().out
     assert out.count("skipping input block 1") == 1
@@ -350,8 +346,7 @@ def test_refiner_switch_mid_generation_uses_the_new_unet():
     rig.sd_model.model.diffusion_model = refiner  # apply_refiner swaps shared.sd_model
     rig.unet = refiner
     result = rig.step()
-    cond_rows = torch.stack(rig.cond)
-    delta = rig.predict(rig.x, rig.sigma, cond_rows) - rig.predict(rig.x, rig.sigma, cond_rows, names=["m0"])
+    _, delta = rig.cond_and_delta()
     torch.testing.assert_close(result, rig.plain() + 3.0 * delta, rtol=1e-9, atol=1e-9)
 
 

@@ -8,7 +8,6 @@ The same strategies drive the live HTTP fuzz (``tests/api/test_reliability.py``)
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from typing import Any
@@ -20,6 +19,7 @@ from seg_lib.api import MAX_MESSAGE, SegArgumentGuard, check_request
 from seg_lib.core.blocks import parse_layers
 from seg_lib.core.params import BY_INFOTEXT, BY_NAME, PARAMS, SegParams, params_from_args
 from seg_lib.core.paste import normalize_pasted, seg_from_infotext
+from tests.guard_driver import through_guard
 
 TITLE = "Smoothed Energy Guidance"
 FIELD_NAMES = [param.name for param in PARAMS]
@@ -122,29 +122,7 @@ def simple_infotext_parser(text: str) -> dict[str, str]:
 def _through_guard(body: bytes, chunk: int) -> tuple[int, bytes]:
     chunk = max(chunk, len(body) // 8)  # at most 8 pieces: a 100 kB body in 1-byte pieces is just slow
     pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
-    messages = [{"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)]
-    sent: list[dict] = []
-    seen: list[bytes] = []
-
-    async def receive() -> dict:
-        return messages.pop(0)
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    async def app(_scope: Any, receive_: Any, send_: Any) -> None:
-        received = b""
-        while True:
-            message = await receive_()
-            received += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        seen.append(received)
-        await send_({"type": "http.response.start", "status": 200, "headers": []})
-        await send_({"type": "http.response.body", "body": b"{}"})
-
-    guard = SegArgumentGuard(app, TITLE, simple_infotext_parser)
-    asyncio.run(guard({"type": "http", "method": "POST", "path": "/sdapi/v1/txt2img"}, receive, send))
+    sent, seen = through_guard(pieces, "/sdapi/v1/txt2img", TITLE, simple_infotext_parser)
     if sent[0]["status"] == 200:
         assert seen == [body]  # passed on byte for byte
     return sent[0]["status"], sent[1]["body"]

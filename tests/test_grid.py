@@ -7,10 +7,22 @@ import math
 import pytest
 import torch
 
-from seg_lib.core.grid import grid_at_depth, token_grid
+from seg_lib.core.grid import grid_at_depth
 
 SIDES = range(8, 513)
 DEPTHS = range(4)
+
+
+def token_grid(latent_height: int, latent_width: int, tokens: int, depth: int) -> tuple[int, int] | None:
+    """The grid of a layer ``depth`` downsamples deep, or None when it does not hold ``tokens``.
+
+    It lives here, not in seg_lib: the hosts take each layer's grid from its real input and make this same
+    count check (``Run.smoothed``), so production has no use for a grid predicted from the latent. The tests
+    below keep the facts that check relies on: a merged (ToMe) count is never the layer's grid, and only the
+    layer's own depth may be asked (a merged count can equal a deeper level's grid).
+    """
+    h, w = grid_at_depth(latent_height, latent_width, depth)
+    return (h, w) if h * w == tokens else None
 
 
 def _downsample(side: int) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from types import SimpleNamespace
@@ -10,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from seg_lib.api import SegArgumentGuard, check_request
+from seg_lib.api import check_request
 from seg_lib.core.blocks import SD1_LAYOUT, SDXL_LAYOUT
 from seg_lib.core.params import SegParams, to_infotext
 from seg_lib.core.paste import normalize_pasted, seg_from_infotext
@@ -18,6 +17,7 @@ from seg_lib.generation import params_for_generation, script_args_to_params
 from seg_lib.host import detect_host
 from seg_lib.host.unet_layout import attn1_module, read_layout
 from seg_lib.xyz import OVERRIDES_ATTRIBUTE, register_axes
+from tests.guard_driver import through_guard
 from tests.standins import SpatialTransformer, make_p
 
 TITLE = "Smoothed Energy Guidance"
@@ -261,45 +261,19 @@ def test_check_request_ignores_other_requests():
     assert check_request(json.dumps({"alwayson_scripts": {"Other": {"args": [1]}}}).encode(), TITLE) is None
 
 
-def _call(guard: SegArgumentGuard, path: str, body: bytes) -> tuple[list[dict], list[bytes]]:
-    chunks = [
-        {"type": "http.request", "body": body[:10], "more_body": True},
-        {"type": "http.request", "body": body[10:], "more_body": False},
-    ]
-    sent: list[dict] = []
-    seen: list[bytes] = []
-
-    async def receive():
-        return chunks.pop(0)
-
-    async def send(message):
-        sent.append(message)
-
-    async def app(scope, receive_, send_):
-        body_ = b""
-        while True:
-            message = await receive_()
-            body_ += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        seen.append(body_)
-        await send_({"type": "http.response.start", "status": 200, "headers": []})
-
-    guard.app = app
-    asyncio.run(guard(scope={"type": "http", "method": "POST", "path": path}, receive=receive, send=send))
-    return sent, seen
+def _call(path: str, body: bytes) -> tuple[list[dict], list[bytes]]:
+    return through_guard([body[:10], body[10:]], path, TITLE)
 
 
 def test_guard_answers_422_naming_the_field_and_passes_valid_requests_untouched():
-    guard = SegArgumentGuard(app=None, title=TITLE)
     bad = _body([True, 3, "inf", "m0", 0.9, 0.1])
-    sent, seen = _call(guard, "/sdapi/v1/txt2img", bad)
+    sent, seen = _call("/sdapi/v1/txt2img", bad)
     assert seen == []
     assert sent[0]["status"] == 422
     assert "SEG start (start) must not be after SEG end (end)" in json.loads(sent[1]["body"])["detail"]
     good = _body([True, 3, "inf", "m0", 0.1, 0.9])
-    sent, seen = _call(guard, "/sdapi/v1/img2img", good)
+    sent, seen = _call("/sdapi/v1/img2img", good)
     assert seen == [good]
     assert sent[0]["status"] == 200
-    sent, seen = _call(guard, "/sdapi/v1/options", bad)  # other endpoints are not inspected
+    sent, seen = _call("/sdapi/v1/options", bad)  # other endpoints are not inspected
     assert seen == [bad]

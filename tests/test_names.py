@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from seg_lib.api import SegArgumentGuard, prepare_request
+from seg_lib.api import prepare_request
 from seg_lib.names import ALIAS, TITLE, api_title, clash_message, same_titled
-from tests.test_integration_pieces import _call
+from tests.guard_driver import through_guard
 
 OURS = object()  # our script class, as the stand-in list holds it
 PAMPARAMM = ("Smoothed Energy Guidance", "pamparamm", "extensions/sd-perturbed-attention/scripts/seg.py")
@@ -65,7 +65,7 @@ def test_when_another_script_owns_the_plain_title_its_entry_is_left_alone():
 
 
 def test_the_guard_passes_the_renamed_body_on():
-    guard = SegArgumentGuard(app=None, title=lambda: TITLE)
-    sent, seen = _call(guard, "/sdapi/v1/txt2img", _request({ALIAS: {"args": [True, 2.0]}}))
+    body = _request({ALIAS: {"args": [True, 2.0]}})
+    sent, seen = through_guard([body[:10], body[10:]], "/sdapi/v1/txt2img", lambda: TITLE)
     assert sent[0]["status"] == 200
     assert json.loads(seen[0])["alwayson_scripts"] == {TITLE: {"args": [True, 2.0]}}

@@ -114,6 +114,22 @@ def _format_number(value: float) -> str:
     return "inf" if math.isinf(value) else repr(float(value))
 
 
+def _fraction(name: str, label: str, infotext: str, default: float, help: str) -> Param:
+    """A setting from 0 to 1 (the step window, the rescale blend): one range, rule, parser and format."""
+    return Param(
+        name=name,
+        label=label,
+        infotext=infotext,
+        default=default,
+        minimum=0.0,
+        maximum=1.0,
+        help=help,
+        rule="a number from 0 to 1",
+        parse=_parse_bounded,
+        format=_format_number,
+    )
+
+
 ENABLED = Param(
     name="enabled",
     label="Enabled",
@@ -167,44 +183,29 @@ LAYERS = Param(
     parse=_parse_layers,
     format=str,
 )
-START = Param(
+START = _fraction(
     name="start",
     label="Start",
     infotext="SEG Start",
     default=0.0,
-    minimum=0.0,
-    maximum=1.0,
     help="First step with SEG, as a fraction of the sampling pass (0 = first step).",
-    rule="a number from 0 to 1",
-    parse=_parse_bounded,
-    format=_format_number,
 )
-END = Param(
+END = _fraction(
     name="end",
     label="End",
     infotext="SEG End",
     default=1.0,
-    minimum=0.0,
-    maximum=1.0,
     help="Last step with SEG, as a fraction of the sampling pass (1 = last step), inclusive.",
-    rule="a number from 0 to 1",
-    parse=_parse_bounded,
-    format=_format_number,
 )
 
 RESCALE_MODES = ("full", "partial", "snf")
-RESCALE = Param(
+RESCALE = _fraction(
     name="rescale",
     label="Rescale",
     infotext="SEG Rescale",
     default=0.0,
-    minimum=0.0,
-    maximum=1.0,
     help="Tames over-saturation from a large SEG scale: 0 = off (plain SEG), 1 = the full rescale of the "
     "chosen mode, in between a blend.",
-    rule="a number from 0 to 1",
-    parse=_parse_bounded,
-    format=_format_number,
 )
 RESCALE_MODE = Param(
     name="rescale_mode",

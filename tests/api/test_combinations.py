@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.api.test_webui_api import SIZE, STEPS, TITLE, URL, call
+from tests.api.test_webui_api import SIZE, TITLE, URL, base_payload, call
 
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(not URL, reason="set SEG_WEBUI_URL to run the API tier")]
 
@@ -193,17 +193,7 @@ COMBINATIONS: dict[str, Build] = {
 def request(host: Host, name: str, seg: dict[str, Any] | None, fast: bool = True, **more: Any) -> list[Any]:
     kind, fields, scripts = COMBINATIONS[name](host)
     fields = {**fields, **more}
-    payload: dict[str, Any] = {
-        "prompt": "a lighthouse on a cliff",
-        "negative_prompt": "blurry",
-        "seed": 1234,
-        "steps": STEPS,
-        "width": SIZE,
-        "height": SIZE,
-        "cfg_scale": 5,
-        "sampler_name": "Euler",
-        **fields,
-    }
+    payload = base_payload(**fields)
     payload["override_settings"] = {**fields.get("override_settings", {}), "seg_fast_path": fast}
     payload["alwayson_scripts"] = dict(scripts)
     if seg is not None:

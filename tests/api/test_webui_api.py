@@ -50,8 +50,9 @@ def call(path: str, payload: dict[str, Any] | None = None, timeout: float = 900)
         return error.code, json.loads(error.read() or b"null")
 
 
-def generate(kind: str = "txt2img", seg: list[Any] | None = None, **fields: Any) -> dict[str, Any]:
-    payload: dict[str, Any] = {
+def base_payload(**fields: Any) -> dict[str, Any]:
+    """The tier's request: one prompt, seed, sampler and the ``SEG_STEPS``/``SEG_SIZE`` size; ``fields`` win."""
+    return {
         "prompt": "a lighthouse on a cliff",
         "negative_prompt": "blurry",
         "seed": 1234,
@@ -60,6 +61,13 @@ def generate(kind: str = "txt2img", seg: list[Any] | None = None, **fields: Any)
         "height": SIZE,
         "cfg_scale": 5,
         "sampler_name": "Euler",
+        **fields,
+    }
+
+
+def generate(kind: str = "txt2img", seg: list[Any] | None = None, **fields: Any) -> dict[str, Any]:
+    payload = {
+        **base_payload(),
         "override_settings": {"sd_model_checkpoint": SD15} if SD15 else {},
         "override_settings_restore_afterwards": False,
         **fields,
