@@ -14,8 +14,8 @@ from modules import script_callbacks
 
 
 def _ours(obj: Any) -> bool:
-    module = getattr(type(obj), "__module__", "") or ""
-    return module.startswith("seg_lib") or module == "seg.py"
+    module = getattr(type(obj), "__module__", "")
+    return isinstance(module, str) and (module.startswith("seg_lib") or module == "seg.py")
 
 
 def _live() -> dict[str, Any]:
