@@ -47,8 +47,9 @@ def run_probes(seg: list[Any] | None, names: list[str], *, forge: bool) -> dict[
 class ProbeCheck:
     """Counts probe rounds and mismatches: off against the no-extension reference, on against round 0."""
 
-    def __init__(self, host: str, *, forge: bool) -> None:
+    def __init__(self, host: str, *, forge: bool, control: bool = False) -> None:
         self.forge = forge
+        self.control = control  # the WebUI without the extension: SEG not named, no SEG-on probes
         self.reference = references(host)
         self.first_on: dict[str, list[bytes]] | None = None
         self.rounds = 0
@@ -60,10 +61,12 @@ class ProbeCheck:
         """Off and on for the probes named (all by default; the soak runs only the first between rounds)."""
         names = names or list(PROBES)
         self.rounds += 1
-        self.requests += 2 * len(names)
-        off = run_probes(OFF, names, forge=self.forge)
+        self.requests += len(names) if self.control else 2 * len(names)
+        off = run_probes(None if self.control else OFF, names, forge=self.forge)
         if self.reference is not None:
             self.off_mismatches += [f"{label}:{name}" for name in off if off[name] != self.reference[name]]
+        if self.control:
+            return
         on = run_probes(ON, names, forge=self.forge)
         if self.first_on is None:
             self.first_on = on  # round 0 runs them all

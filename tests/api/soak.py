@@ -74,9 +74,16 @@ def _on(seg: list[Any]) -> bool:
     return bool(seg[0]["enabled"] if isinstance(seg[0], dict) else seg[0])
 
 
-def run_soak(host: str, *, forge: bool, total: int = 200, block: int = 40, seed: int = 12) -> dict[str, Any]:
+def run_soak(
+    host: str, *, forge: bool, total: int = 200, block: int = 40, seed: int = 12, control: bool = False
+) -> dict[str, Any]:
+    """``control``: the same plan against the WebUI without the extension, SEG never named: the host's own
+    RSS growth and time drift, to read SEG's figures against."""
     requests = plan(total, block, seed, samplers())
-    probes = ProbeCheck(host, forge=forge)
+    if control:
+        for item in requests:
+            item["seg"] = None
+    probes = ProbeCheck(host, forge=forge, control=control)
     rss = {"start": rss_mib()}
     live = {"start": live_objects()}  # SEG's own objects alive between generations (the probe extension)
     results: list[dict[str, Any]] = []

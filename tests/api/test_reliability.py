@@ -1,6 +1,8 @@
 """Reliability runs against a running WebUI (not part of CI): the soak, the faults, two clients at once and
 the HTTP fuzz. Skipped unless ``SEG_WEBUI_URL`` is set and ``SEG_RELIABILITY`` names the runs
 (``soak,faults,concurrency,fuzz`` or ``all``); each writes its figures to ``SEG_RELIABILITY_OUT`` (a folder).
+``control`` (named on its own, not part of ``all``) runs the soak's plan against the WebUI without the
+extension, SEG never named: the host's own RSS growth and drift, to read SEG's figures against.
 
     # 1. once, the WebUI without the extension: records the probes' reference images
     SEG_WEBUI_URL=http://127.0.0.1:7860 SEG_RELIABILITY=all SEG_HOST=a1111 pytest tests/api/test_reliability.py
@@ -70,6 +72,25 @@ def test_soak(forge: bool) -> None:
     assert figures["repeat_block_mismatches"] == []
     assert figures["rss_growth_after_warmup_mib"] < 50
     assert abs(figures["drift_last20_vs_first20_seg_on"]) <= 0.10
+
+
+def test_soak_without_extension() -> None:
+    """The soak's plan against the WebUI without the extension (``SEG_RELIABILITY=control``): the host's own
+    RSS growth and drift, the baseline for SEG's figures."""
+    if "control" not in RUNS:
+        pytest.skip("SEG_RELIABILITY does not name control")
+    status, scripts, _ = call("/sdapi/v1/scripts")
+    assert status == 200, scripts
+    if "smoothed energy guidance" in [name.lower() for name in scripts["txt2img"]]:
+        pytest.skip("the control runs against the WebUI without the extension")
+    from tests.api.soak import run_soak
+
+    total, block = int(os.environ.get("SEG_SOAK_REQUESTS", "200")), int(os.environ.get("SEG_SOAK_BLOCK", "40"))
+    figures = run_soak(HOST, forge=is_forge(), total=total, block=block, control=True)
+    save("soak-control", figures)
+    assert figures["errors"] == []
+    assert figures["off_mismatches"] == []
+    assert figures["repeat_block_mismatches"] == []
 
 
 def test_concurrency(forge: bool) -> None:
