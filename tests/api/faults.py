@@ -74,9 +74,15 @@ def _broken_checkpoint(folder: Path, *, forge: bool) -> dict[str, Any]:
             "/sdapi/v1/txt2img", payload("txt2img", ON, forge=forge, override_settings={"sd_model_checkpoint": BROKEN})
         )
     finally:
-        path.unlink()
+        host_removed = not path.exists()  # Forge deletes a checkpoint it cannot read
+        path.unlink(missing_ok=True)
         call("/sdapi/v1/refresh-checkpoints", {})
-    return {"case": "checkpoint that fails to load", "status": status, "answer": str(body)[:200]}
+    return {
+        "case": "checkpoint that fails to load",
+        "status": status,
+        "answer": str(body)[:200],
+        "host_removed_the_file": host_removed,
+    }
 
 
 def _restart_button_fn_index() -> int:

@@ -57,7 +57,12 @@ def _expected(args: Any) -> dict[str, str]:
     return to_infotext(params)
 
 
-def run_fuzz(args_cases: int, infotext_cases: int) -> dict[str, Any]:
+# Forge's txt2img fails on the request's ``infotext`` field itself, extension or not (its API model's field
+# type trips ``isinstance``); a case SEG's guard lets through meets that, and says nothing about SEG
+FORGE_INFOTEXT_QUIRK = "isinstance() argument 2 cannot be a parameterized generic"
+
+
+def run_fuzz(args_cases: int, infotext_cases: int, *, forge: bool = False) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     failures: list[str] = []
 
@@ -65,6 +70,9 @@ def run_fuzz(args_cases: int, infotext_cases: int) -> dict[str, Any]:
         status, body, _ = call("/sdapi/v1/txt2img", {**BASE, **request})
         counts[f"HTTP {status}"] += 1
         case = json.dumps(request)[:300]
+        if forge and status == 500 and "infotext" in request and FORGE_INFOTEXT_QUIRK in str(body):
+            counts["of which Forge's own infotext-field TypeError (past SEG's guard)"] += 1
+            return
         if status == 422:
             detail = body.get("detail") if isinstance(body, dict) else None
             if not (isinstance(detail, str) and (names_a_field(detail) or detail.startswith('SEG: infotext "SEG'))):

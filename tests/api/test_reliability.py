@@ -106,7 +106,9 @@ def test_fuzz_over_http(forge: bool) -> None:
     wanted("fuzz")
     from tests.api.fuzz_http import run_fuzz
 
-    figures = run_fuzz(int(os.environ.get("SEG_FUZZ_ARGS", "250")), int(os.environ.get("SEG_FUZZ_INFOTEXT", "120")))
+    figures = run_fuzz(
+        int(os.environ.get("SEG_FUZZ_ARGS", "250")), int(os.environ.get("SEG_FUZZ_INFOTEXT", "120")), forge=forge
+    )
     save("fuzz", figures)
     assert figures["failures"] == []
     assert figures["server_alive"]
