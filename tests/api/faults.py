@@ -74,7 +74,7 @@ def _broken_checkpoint(folder: Path, *, forge: bool) -> dict[str, Any]:
             "/sdapi/v1/txt2img", payload("txt2img", ON, forge=forge, override_settings={"sd_model_checkpoint": BROKEN})
         )
     finally:
-        host_removed = not path.exists()  # Forge deletes a checkpoint it cannot read
+        host_removed = not path.exists()  # seen on Forge: the file was gone after the request
         path.unlink(missing_ok=True)
         call("/sdapi/v1/refresh-checkpoints", {})
     return {
