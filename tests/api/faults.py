@@ -74,8 +74,9 @@ def _broken_checkpoint(folder: Path, *, forge: bool) -> dict[str, Any]:
             "/sdapi/v1/txt2img", payload("txt2img", ON, forge=forge, override_settings={"sd_model_checkpoint": BROKEN})
         )
     finally:
-        host_removed = not path.exists()  # seen on Forge: the file was gone after the request
+        host_removed = not path.exists()  # Forge moves a checkpoint it cannot read to <name>.corrupted
         path.unlink(missing_ok=True)
+        path.with_name(path.name + ".corrupted").unlink(missing_ok=True)
         call("/sdapi/v1/refresh-checkpoints", {})
     return {
         "case": "checkpoint that fails to load",
