@@ -89,6 +89,33 @@ class Host:
             pytest.skip("no ControlNet model installed")
         return models[0]
 
+    def ip_adapter(self) -> dict[str, Any]:
+        """Forge's IP-Adapter as a ControlNet unit: its CLIP-H preprocessor and an SD1.5 IP-Adapter model."""
+        models = [m for m in (self.controlnet_models or []) if m.startswith("ip-adapter_sd15")]
+        status, modules = call("/controlnet/module_list")
+        if not models or status != 200 or IP_ADAPTER_MODULE not in modules.get("module_list", []):
+            pytest.skip("no IP-Adapter preprocessor and ip-adapter_sd15 model in this WebUI")
+        return self.controlnet(unit(IP_ADAPTER_MODULE, models[0]))
+
+    def adetailer(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """ADetailer on with its first YOLO model at confidence 0 and one mask (a random-weight detector still
+        finds boxes then), and SEG in its script list; (scripts entry, override settings)."""
+        status, found = call("/adetailer/v1/ad_model")
+        models = [m for m in found.get("ad_model", []) if m.endswith(".pt")] if status == 200 else []
+        if ("adetailer", False) not in self.scripts or not models:
+            pytest.skip("no ADetailer with a YOLO model in this WebUI")
+        tab = {
+            "ad_model": models[0],
+            "ad_confidence": 0.0,
+            "ad_mask_k": 1,
+            "ad_mask_filter_method": "Area",
+            "ad_use_steps": True,
+            "ad_steps": 4,
+            "ad_denoising_strength": 0.5,
+        }
+        settings = {"ad_only_selected_scripts": True, "ad_script_names": ADETAILER_SCRIPTS + ",seg"}
+        return {"ADetailer": {"args": [True, False, tab]}}, settings
+
     def sampler(self, name: str) -> str:
         if name not in self.samplers:
             pytest.skip(f"this WebUI has no sampler '{name}'")
@@ -120,6 +147,16 @@ def unit(module: str, model: str = "None", **fields: Any) -> dict[str, Any]:
         "pixel_perfect": False,
         **fields,
     }
+
+
+IP_ADAPTER_MODULE = "CLIP-ViT-H (IPAdapter)"
+# ADetailer 25.3's default script list; SEG's file stem added so SEG also runs in ADetailer's inpaint pass
+ADETAILER_SCRIPTS = "dynamic_prompting,dynamic_thresholding,lora_block_weight,negpip,wildcard_recursive,wildcards"
+
+
+def with_adetailer(host: Host) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    scripts, settings = host.adetailer()
+    return TXT, {"override_settings": settings}, scripts
 
 
 Build = Callable[[Host], tuple[str, dict[str, Any], dict[str, Any]]]  # -> (kind, request fields, scripts)
@@ -161,6 +198,8 @@ COMBINATIONS: dict[str, Build] = {
         h.script("Regional Prompter", on=True),
     ),
     "kohya_hires_fix": lambda h: (TXT, {}, h.script("Kohya Hires.fix", enable_extension=True)),
+    "adetailer": with_adetailer,
+    "forge_ip_adapter": lambda h: (TXT, {}, h.ip_adapter()),
     # Forge built-ins (skipped on A1111)
     "forge_freeu": lambda h: (TXT, {}, h.script("FreeU Integrated (SD 1.x, SD 2.x, SDXL)", on=True)),
     "forge_sag": lambda h: (
