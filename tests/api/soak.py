@@ -80,7 +80,8 @@ def run_soak(
     """``control``: the same plan against the WebUI without the extension, SEG never named: the host's own
     RSS growth and time drift, to read SEG's figures against."""
     requests = plan(total, block, seed, samplers())
-    if control:
+    planned_on = [item["seg"] is not None and _on(item["seg"]) for item in requests]
+    if control:  # SEG never named; the drift still compares the requests that are SEG-on in SEG's run
         for item in requests:
             item["seg"] = None
     probes = ProbeCheck(host, forge=forge, control=control)
@@ -116,11 +117,11 @@ def run_soak(
     repeat = results[-block:]
     pairs = zip(repeat, results[:block], strict=True)
     mismatches = [again["index"] for again, first in pairs if again.get("pixels") != first.get("pixels")]
-    first_on = [r for r in results[:block] if r["on"]][:20]
+    first_on = [r for r in results[:block] if planned_on[r["index"]]][:20]
     last_on = [results[len(results) - block + (r["index"])] for r in first_on]
     drift = sum(r["seconds"] for r in last_on) / sum(r["seconds"] for r in first_on) - 1
     # the same for the repeated block's SEG-off requests: how much the machine itself drifted meanwhile
-    first_off = [r for r in results[:block] if not r["on"]]
+    first_off = [r for r in results[:block] if not planned_on[r["index"]]]
     last_off = [results[len(results) - block + r["index"]] for r in first_off]
     drift_off = sum(r["seconds"] for r in last_off) / sum(r["seconds"] for r in first_off) - 1 if first_off else None
     return {
