@@ -130,6 +130,23 @@ def _fraction(name: str, label: str, infotext: str, default: float, help: str) -
     )
 
 
+def _choice(name: str, label: str, infotext: str, choices: tuple[str, ...], help: str) -> Param:
+    """A setting that is one of ``choices`` (the first is the default): one rule, parser and format."""
+    return Param(
+        name=name,
+        label=label,
+        infotext=infotext,
+        default=choices[0],
+        minimum=None,
+        maximum=None,
+        help=help,
+        rule=f"one of {', '.join(choices)}",
+        parse=_parse_choice,
+        format=str,
+        choices=choices,
+    )
+
+
 ENABLED = Param(
     name="enabled",
     label="Enabled",
@@ -207,34 +224,22 @@ RESCALE = _fraction(
     help="Tames over-saturation from a large SEG scale: 0 = off (plain SEG), 1 = the full rescale of the "
     "chosen mode, in between a blend.",
 )
-RESCALE_MODE = Param(
+RESCALE_MODE = _choice(
     name="rescale_mode",
     label="Rescale mode",
     infotext="SEG Rescale Mode",
-    default="full",
-    minimum=None,
-    maximum=None,
+    choices=RESCALE_MODES,
     help="full: match the std of CFG + SEG to the cond prediction's; partial: the same for cond + SEG; "
     "snf: per latent pixel, keep whichever of the CFG and SEG terms is more salient.",
-    rule=f"one of {', '.join(RESCALE_MODES)}",
-    parse=_parse_choice,
-    format=str,
-    choices=RESCALE_MODES,
 )
 HIRES_MODES = ("same", "off", "override")
-HIRES = Param(
+HIRES = _choice(
     name="hires",
     label="Hires fix",
     infotext="SEG Hires",
-    default="same",
-    minimum=None,
-    maximum=None,
+    choices=HIRES_MODES,
     help="SEG in the hires fix pass: same as the first pass, off, or override with the hires scale, "
     "sigma and layers below (the hires CFG scale is the WebUI's own).",
-    rule=f"one of {', '.join(HIRES_MODES)}",
-    parse=_parse_choice,
-    format=str,
-    choices=HIRES_MODES,
 )
 HIRES_SCALE = replace(
     SCALE, name="hires_scale", label="Hires scale", infotext="SEG Hires Scale", help="SEG scale in the hires pass."
