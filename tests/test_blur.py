@@ -209,3 +209,14 @@ def test_blur_is_a_weighted_average(height, width, sigma, seed):
     assert (out.amin(dim=1) >= x.amin(dim=1) - slack).all()
     constant = torch.full_like(x, 2.5)
     torch.testing.assert_close(smooth_queries(constant, height, width, sigma), constant, rtol=1e-6, atol=0)
+
+
+def test_operator_cache_stays_bounded_over_a_long_session():
+    # Every new (grid side, sigma) pair adds an operator; a long session of sizes and sigmas must not pile them up.
+    from seg_lib.core import blur
+
+    for side in range(2, 42):
+        for sigma in (1.5, 3.0):
+            blur.gaussian_blur_2d(torch.zeros(1, 1, side, 3), sigma)
+    assert blur._axis_operator.cache_info().currsize <= 64
+    assert blur._axis_operator_f64.cache_info().currsize <= 64

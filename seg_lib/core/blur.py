@@ -60,7 +60,12 @@ def gaussian_kernel_1d(size: int, sigma: float) -> torch.Tensor:
     return pdf / pdf.sum()
 
 
-@lru_cache(maxsize=256)
+# A generation needs a few (grid side, sigma) pairs; 64 cover an XYZ sweep, and bound a long session's
+# memory: a side of 256 (a 2048-pixel image's first layers) is 0.5 MiB in float64.
+_CACHED = 64
+
+
+@lru_cache(maxsize=_CACHED)
 def _axis_operator_f64(side: int, sigma: float) -> torch.Tensor:
     """``[side, side]`` matrix M with ``M @ v`` = reflect-pad ``v``, then convolve with the 1D kernel.
 
@@ -80,7 +85,7 @@ def _axis_operator_f64(side: int, sigma: float) -> torch.Tensor:
     return op
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=_CACHED)
 def _axis_operator(side: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Cast to the input's dtype, as the official kernel is.
     return _axis_operator_f64(side, sigma).to(device=device, dtype=dtype)

@@ -147,6 +147,12 @@ def live_objects() -> dict[str, Any] | None:
     return body if status == 200 else None
 
 
+def trimmed_rss() -> dict[str, Any] | None:
+    """The server's RSS before and after glibc's malloc_trim (tests/api/seg_probe); None without it."""
+    status, body, _ = call("/seg-probe/trim", {})
+    return body if status == 200 else None
+
+
 def wait_until_up(timeout: float = 600) -> float:
     """Seconds until the API answers again (after a reload or restart)."""
     start = time.perf_counter()

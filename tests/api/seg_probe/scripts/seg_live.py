@@ -1,9 +1,12 @@
 """Test-only (never shipped with SEG): what of SEG is alive in the server process between generations, so a
 soak can tell SEG's own accumulation from the host's. ``GET /seg-probe/live`` after a full collection:
-the live objects of SEG's classes by type, the tensors they reach, and all live torch tensors."""
+the live objects of SEG's classes by type, the tensors they reach, and all live torch tensors.
+``POST /seg-probe/trim``: the server's RSS before and after returning the allocator's free memory."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import sys
 from collections import Counter
@@ -40,8 +43,28 @@ def _blur_cache() -> dict[str, int]:
     return {name: fn.cache_info().currsize for name, fn in vars(blur).items() if hasattr(fn, "cache_info")}
 
 
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _trim() -> dict[str, Any]:
+    """RSS before and after glibc's ``malloc_trim(0)``: memory the allocator holds free (fragmentation) is
+    given back, memory still in use is not, which tells an allocator's growth from a leak."""
+    gc.collect()
+    before = _rss_mib()
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    trimmed = libc is not None and hasattr(libc, "malloc_trim")  # glibc only
+    if trimmed:
+        libc.malloc_trim(0)
+    return {"rss_mib_before": round(before, 1), "rss_mib_after": round(_rss_mib(), 1), "trimmed": trimmed}
+
+
 def _on_app_started(_demo: Any, app: Any) -> None:
     app.add_api_route("/seg-probe/live", _live, methods=["GET"])
+    app.add_api_route("/seg-probe/trim", _trim, methods=["POST"])
 
 
 script_callbacks.on_app_started(_on_app_started)
