@@ -139,7 +139,8 @@ def run_soak(
         "batch_sizes": sorted({s["fields"]["batch_size"] for s in requests}),
         "samplers": sorted({s["fields"]["sampler_name"] for s in requests}),
         "rss_mib": {key: round(value, 1) for key, value in rss.items()},
-        "rss_growth_after_warmup_mib": round(rss["end"] - rss["after warm-up"], 1),
+        # from the RSS the measured stretch began with (after the warm-up trim, where the probe could trim)
+        "rss_growth_after_warmup_mib": round(rss["end"] - (trimmed[0] or rss["after warm-up"]), 1),
         "rss_growth_over_repeated_block_mib": round(rss["end"] - rss["before the repeated block"], 1),
         "rss_malloc_trim": trims,
         "rss_growth_after_warmup_trimmed_mib": None if None in trimmed else round(trimmed[1] - trimmed[0], 1),
