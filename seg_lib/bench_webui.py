@@ -1,13 +1,15 @@
 """Benchmark a running WebUI: the per-step cost of SEG, measured over its API with paired requests.
 
     python -m seg_lib.bench_webui --url http://127.0.0.1:7860 [--size 512] [--checkpoint NAME] [--reps 2]
-                                  [--layers m0] [--sigma inf]
+                                  [--layers m0] [--sigma inf] [--scripts JSON|@file.json]
 
 Three modes, same seed, size and sampler: SEG off; SEG with the separate extra UNet pass (the fast SEG
 setting off, through ``override_settings``); SEG on the fast path (A1111: forked inside the host's UNet call;
 Forge: in the same batch). For each mode it generates at two step counts and takes the difference, so that
 model loading, text encoding and VAE decoding cancel out: per-step time = (t(long) - t(short)) / (long -
 short). The modes' requests are interleaved within each repetition; medians are reported with their ratios.
+``--scripts`` adds other extensions' always-on scripts to every request (e.g. a ControlNet unit), in the API's
+``alwayson_scripts`` form.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import statistics
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from seg_lib.settings import FAST_PATH
@@ -36,7 +39,15 @@ def _post(url: str, payload: dict[str, Any]) -> float:
 
 
 def measure(
-    url: str, size: int, checkpoint: str | None, reps: int, short: int, long: int, layers: str, sigma: str
+    url: str,
+    size: int,
+    checkpoint: str | None,
+    reps: int,
+    short: int,
+    long: int,
+    layers: str,
+    sigma: str,
+    scripts: dict[str, Any] | None = None,
 ) -> dict[str, list[float]]:
     """Per-step seconds of each mode, one value per repetition."""
     seg_on = [True, 3.0, sigma, layers, 0.0, 1.0]
@@ -54,7 +65,7 @@ def measure(
             "sampler_name": "Euler",
             "save_images": False,
             "send_images": False,
-            "alwayson_scripts": {TITLE: {"args": seg}},
+            "alwayson_scripts": {**(scripts or {}), TITLE: {"args": seg}},
             "override_settings": {FAST_PATH: fast},
             "override_settings_restore_afterwards": True,
         }
@@ -83,15 +94,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long", type=int, default=6, help="steps of the long request")
     parser.add_argument("--layers", default="m0", help="SEG layers (default: the middle block)")
     parser.add_argument("--sigma", default="inf", help="SEG blur sigma")
+    parser.add_argument("--scripts", default=None, help="other always-on scripts, as JSON or @file.json")
     args = parser.parse_args(argv)
+    scripts = None
+    if args.scripts:
+        text = Path(args.scripts[1:]).read_text() if args.scripts.startswith("@") else args.scripts
+        scripts = json.loads(text)
     per_rep = measure(
-        args.url.rstrip("/"), args.size, args.checkpoint, args.reps, args.short, args.long, args.layers, args.sigma
+        args.url.rstrip("/"),
+        args.size,
+        args.checkpoint,
+        args.reps,
+        args.short,
+        args.long,
+        args.layers,
+        args.sigma,
+        scripts,
     )
     results = {mode: statistics.median(values) for mode, values in per_rep.items()}
     base = results[OFF]
     print(
         f"{args.size}x{args.size}, Euler, CFG 5, layers {args.layers}, sigma {args.sigma}, checkpoint "
-        f"{args.checkpoint or '(loaded)'}, steps {args.short} vs {args.long}, {args.reps} reps\n"
+        f"{args.checkpoint or '(loaded)'}, steps {args.short} vs {args.long}, {args.reps} reps"
+        f"{', with ' + ', '.join(scripts) if scripts else ''}\n"
     )
     print("| mode | s per step (median) | ratio to SEG off | ratio to the separate pass | each repetition |")
     print("|---|---|---|---|---|")

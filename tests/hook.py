@@ -47,3 +47,41 @@ def hook_unet(unet: nn.Module) -> None:
         return stock(self, *args, **kwargs)
 
     unet.forward = MethodType(forward_webui, unet)
+
+
+def hook_unet_with_control(
+    unet: nn.Module, *, t2i_after: tuple[int, ...] = (), post_process: bool = False, seed: int = 0
+) -> None:
+    """ControlNet's active forward with a unit, written from its ``forward``: the control is computed for the
+    call's rows (here a per-row function of ``x``, as a control model's is), then its own loop runs the
+    UNet's blocks and adds the residuals: T2I-adapter ones after the input blocks ``t2i_after``, ControlNet
+    ones onto the middle block's output and onto each skip. ``post_process`` blends the output with ``x``
+    after the last block, as its colorfix and inpaint-only units do."""
+    from tests.standins import th, timestep_embedding
+
+    def residual(x: torch.Tensor, like: torch.Tensor, index: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed * 1000 + index)
+        channels = torch.randn(like.shape[1], generator=gen, dtype=like.dtype)
+        spatial = torch.nn.functional.interpolate(x.mean(1, keepdim=True), size=like.shape[-2:], mode="nearest")
+        return torch.tanh(spatial) * channels[None, :, None, None]
+
+    def forward_webui(self: nn.Module, x, timesteps=None, context=None, y=None, **kwargs):
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        hs, h = [], x
+        for i, module in enumerate(self.input_blocks):
+            h = module(h, emb, context)
+            if i in t2i_after:
+                h = h + residual(x, h, 100 + i)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        h = h + residual(x, h, 50)
+        for j, module in enumerate(self.output_blocks):
+            skip = hs.pop()
+            h = th.cat([h, skip + residual(x, skip, j)], dim=1)
+            h = module(h, emb, context)
+        out = self.out(h.type(x.dtype))
+        return 0.5 * out + 0.5 * x[:, : out.shape[1]] if post_process else out
+
+    unet.forward = MethodType(forward_webui, unet)

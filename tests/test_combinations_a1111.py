@@ -268,7 +268,64 @@ def test_controlnet_unit_without_reference_keeps_seg():
     rig = Rig(SegParams(enabled=True))
     controlnet_hook.hook_unet(rig.unet)
     torch.testing.assert_close(rig.step(), expected(rig, ["m0"]), rtol=1e-9, atol=1e-9)
+    assert rig.inner.calls == [6]  # one host call: the branch follows ControlNet's forward
+
+
+# -- behind ControlNet's forward: the branch follows its loop with the cond rows' control ---------------------
+BEHIND_LINE = "behind ControlNet's UNet forward, with the cond rows' control"
+
+
+@pytest.mark.parametrize(
+    ("layers", "sigma", "t2i_after"),
+    [
+        ("m0", float("inf"), ()),
+        ("m0", 2.0, (0, 1, 3)),
+        ("d0", float("inf"), (0, 1, 3)),
+        ("d1", 2.0, ()),
+        ("u0", 2.0, (1,)),
+        ("u2", float("inf"), (0, 1, 3)),
+        ("d0,u1", 2.0, (0, 1, 3)),
+        ("d1,m0,u0", float("inf"), (2,)),
+    ],
+)
+def test_branch_behind_controlnet_equals_the_separate_pass(layers, sigma, t2i_after, capsys):
+    """ControlNet's loop adds residuals computed per row (middle, skips, T2I after input blocks); the branch
+    forked at the first selected block, in the host's one call, equals a cond-only pass with the same unit
+    and the queries smoothed, on an 11x7 latent (the hosts' cat resizes the upsampled rows)."""
+    names = layers.split(",")
+    rig = Rig(SegParams(enabled=True, layers=layers, blur_sigma=sigma))
+    controlnet_hook.hook_unet_with_control(rig.unet, t2i_after=t2i_after)
+    cond = torch.stack(rig.cond)
+    delta = rig.predict(rig.x, rig.sigma, cond) - rig.predict(rig.x, rig.sigma, cond, names=names, sigma=sigma)
+    wanted = rig.plain() + 3.0 * delta
+    torch.testing.assert_close(rig.step(), wanted, rtol=1e-9, atol=1e-9)
+    assert rig.inner.calls == [6]
+    assert delta.abs().max() > 1e-3  # the smoothing moved the image: the comparison can fail
+    assert BEHIND_LINE in capsys.readouterr().out
+
+
+def test_controlnet_that_changes_the_output_after_the_last_block_gets_the_hosts_call_repeated(capsys):
+    """Colorfix / inpaint-only blend the UNet's output after its last block: the branch cannot follow that.
+    The step repeats the host's call at once (same image), and the later steps go straight to the repeat."""
+    rig = Rig(SegParams(enabled=True))
+    controlnet_hook.hook_unet_with_control(rig.unet, post_process=True)
+    wanted = expected(rig, ["m0"])
+    torch.testing.assert_close(rig.step(), wanted, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rig.step(), wanted, rtol=1e-9, atol=1e-9)
+    assert rig.inner.calls == [6, 4, 4]
+    out = capsys.readouterr().out
+    assert out.count("the branch cannot follow ControlNet's forward (it changes the UNet's output") == 1
+    assert BEHIND_LINE not in out
+
+
+@pytest.mark.parametrize("setting", ["seg_fast_path", "hypertile_enable_unet"])
+def test_behind_controlnet_the_fast_setting_off_or_hypertile_repeats_the_hosts_call(setting, capsys):
+    rig = Rig(SegParams(enabled=True))
+    setattr(rig.host.opts(), setting, setting != "seg_fast_path")
+    controlnet_hook.hook_unet_with_control(rig.unet, t2i_after=(1,))
+    torch.testing.assert_close(rig.step(), expected(rig, ["m0"]), rtol=1e-9, atol=1e-9)
     assert rig.inner.calls == [4, 4]
+    assert "the host's call repeated" in capsys.readouterr().out
 
 
 def test_a_wrapper_that_caches_for_the_hosts_batch_still_gets_seg():

@@ -10,8 +10,12 @@ Flow per sampling step, for a generation with SEG on:
    rows appended; for the duration of that call only, the UNet's forward is the forked forward
    (``host/fork.py``), which computes those rows from the first SEG block on, their queries smoothed. The
    host gets its usual rows back; the copies are the smoothed branch, ``cond_seg``.
-3. Otherwise (another forward: ControlNet, TensorRT, another extension's wrapper; or the host split the
-   rows over several calls) one cond-only UNet call runs after the host's, with the queries smoothed.
+   Behind sd-webui-controlnet's forward, which runs the blocks itself, the forward only watches the host's
+   rows and then runs the copies from the first SEG block on, with the cond rows' control
+   (``host/tail_fork.py``).
+3. Otherwise (another forward: TensorRT, another extension's wrapper; or the host split the rows over
+   several calls) one cond-only UNet call runs after the host's, with the queries smoothed; behind a
+   wrapper that keeps state for the host's batch (ControlNet), the host's call is repeated instead.
 4. In the wrapped ``combine_denoised`` the host's CFG result is computed first, then
    ``cfg_result + scale * (cond - cond_seg)`` is returned, AND-prompt weights applied. Inpaint blending,
    previews and ``on_cfg_after_cfg`` then see the guided result, exactly as they see plain CFG.
@@ -35,10 +39,11 @@ from torch import nn
 from seg_lib.core.blocks import LayerRef
 from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import cond_weights, in_step_window, rescale_args, seg_guidance
-from seg_lib.host.a1111_others import fork_blocker, idle_forward, seg_blocker
+from seg_lib.host.a1111_others import controlnet_forward, fork_blocker, idle_forward, seg_blocker
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
 from seg_lib.host.one_query import one_query_attn1
 from seg_lib.host.run import Run
+from seg_lib.host.tail_fork import NotTail, host_output_matches, recording, tail_forward
 from seg_lib.host.unet_layout import attn1_module, spatial_transformer
 from seg_lib.settings import fast_path_enabled
 
@@ -172,6 +177,17 @@ class _Fork:
 
 
 @dataclass(frozen=True)
+class _Tail:
+    """This step's plan behind ControlNet's forward: watch the host's call, then run the branch from ``at``."""
+
+    unet: nn.Module
+    at: tuple[str, int]
+    rows: int
+    batches: tuple[int, ...]
+    targets: _Targets
+
+
+@dataclass(frozen=True)
 class _Replay:
     """This step's plan when another extension owns the UNet's forward: repeat the host's call."""
 
@@ -187,10 +203,11 @@ class SegRun(Run):
     host: Host = field(default_factory=Host)
     _stash: Any = None  # this step's CFGDenoiserParams: the host reads its inputs back from it too
     _targets: dict[tuple[int, str], _Targets | None] = field(default_factory=dict)
-    _fork: _Fork | _Replay | None = None  # armed for the host's next model call of this step
+    _fork: _Fork | _Tail | _Replay | None = None  # armed for the host's next model call of this step
     _cond_seg: torch.Tensor | None = None  # the smoothed branch the fast path computed this step
     _call_state: Any = None  # other extensions' per-call state before the host's call of this step
     _forking: str = "no"  # this step's fork: "no", "armed" (a missing cond_seg then means split rows), "ran"
+    _no_tail: bool = False  # the branch could not follow the wrapper's forward: repeat the host's call
 
     # -- host callbacks -------------------------------------------------------------------------------
     def on_denoiser(self, params: Any) -> None:
@@ -215,14 +232,14 @@ class SegRun(Run):
     def _plain_path(self, reason: str) -> None:
         self.say_once(f"path:plain:{reason}", f"separate extra UNet pass per step ({reason})")
 
-    def _plan_fork(self, params: Any) -> _Fork | _Replay | None:
+    def _plan_fork(self, params: Any) -> _Fork | _Tail | _Replay | None:
         unet = self.host.unet()
         targets = self._targets_for(unet)
         if targets is None:
             return None
         own = vars(unet).get("forward")
         if own is not None and not idle_forward(unet, own) and not self.host.custom_unet_active():
-            return self._plan_replay(params, targets)
+            return self._plan_behind(params, unet, targets)
         if not fast_path_enabled(self.host.opts()):
             self._plain_path("the fast SEG setting is off")
             return None
@@ -241,16 +258,33 @@ class SegRun(Run):
         at = first_block(target.ref for target in targets)
         return _Fork(unet, stock, at, rows, (params.x.shape[0], rows), targets)
 
-    def _plan_replay(self, params: Any, targets: _Targets) -> _Replay | None:
+    def _plan_behind(self, params: Any, unet: nn.Module, targets: _Targets) -> _Tail | _Replay | None:
         """Another extension's wrapper owns the UNet's forward (an active ControlNet unit). Such wrappers keep
         what they compute for the batch of the host's call (ControlNet caches its inpaint and reference
-        latents for that batch size), so SEG's branch repeats the host's call as it was, the cond rows
-        smoothed: the same batch, the same control for the cond rows."""
+        latents for that batch size), so the host's call keeps its batch. Behind ControlNet's own forward the
+        branch follows it from the first SEG block on (``tail_fork.py``); behind anything else, or when it
+        could not, SEG's branch repeats the host's call as it was, the cond rows smoothed."""
         if not self._wrap_inner(params.denoiser.inner_model):
             return None
-        self._plain_path("another extension wraps the UNet's forward (ControlNet?): the host's call repeated")
         rows = cond_rows(params.text_cond)
-        return _Replay(rows, (params.x.shape[0], rows), targets)
+        batches = (params.x.shape[0], rows)
+        why = self._tail_blocker(unet)
+        if why is None:
+            return _Tail(unet, first_block(target.ref for target in targets), rows, batches, targets)
+        self._plain_path(f"another extension wraps the UNet's forward ({why}): the host's call repeated")
+        return _Replay(rows, batches, targets)
+
+    def _tail_blocker(self, unet: nn.Module) -> str | None:
+        if not controlnet_forward(vars(unet)["forward"]):
+            return "ControlNet?"
+        if not fast_path_enabled(self.host.opts()):
+            return "ControlNet; the fast SEG setting is off"
+        if self._no_tail:
+            return "ControlNet"
+        if "Hypertile" in self.host.token_regrouping():  # it draws tiles per attention call: the order matters
+            return "ControlNet, with Hypertile"
+        blocker = fork_blocker(unet)
+        return None if blocker is None else f"ControlNet, and {blocker}"
 
     def _wrap_inner(self, inner: Any) -> bool:
         """Route the host's model call through ``_forked_call`` / ``_replayed_call`` when this step's plan is
@@ -272,7 +306,7 @@ class SegRun(Run):
                 return plain(*args, **kwargs)
             if isinstance(fork, _Replay):
                 return self._replayed_call(fork, plain, args, kwargs)
-            return self._forked_call(fork, plain, args, kwargs)
+            return self._call_with_branch(fork, plain, args, kwargs)
 
         inner.forward = forward
         inner.seg_wrapped_by = self
@@ -296,8 +330,9 @@ class SegRun(Run):
             self._cond_seg = again[: replay.rows]
         return out
 
-    def _forked_call(self, fork: _Fork, plain: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        """The host's call with the cond rows' copies appended, the UNet forked for its duration."""
+    def _call_with_branch(self, fork: _Fork | _Tail, plain: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """The host's call with the cond rows' copies appended, the UNet's forward replaced for its duration:
+        forked (``fork.py``) or, behind ControlNet's forward, followed (``tail_fork.py``)."""
         batch = args[0].shape[0]
         try:
             more_args = with_row_copies(args, batch, fork.rows, cut=True)
@@ -307,14 +342,16 @@ class SegRun(Run):
             self._plain_path(f"the model call has {error}")
             return plain(*args, **kwargs)
 
-        def forward(x: torch.Tensor, timesteps: Any = None, context: Any = None, y: Any = None, **_: Any) -> Any:
-            return forked_forward(fork.unet, fork.stock, fork.at, fork.rows, x, timesteps, context, y)
-
         blurred = [0]
         previous = vars(fork.unet).get("forward")  # an idle wrapper another extension keeps there stays
-        fork.unet.forward = forward
+        if isinstance(fork, _Fork):
+            fork.unet.forward = self._forked_forward(fork)
+            smoothing = self._smoothing(fork.targets, blurred, rows=slice(-fork.rows, None))
+        else:
+            fork.unet.forward = self._followed_forward(fork, previous, blurred)
+            smoothing = contextlib.nullcontext()
         try:
-            with self._smoothing(fork.targets, blurred, rows=slice(-fork.rows, None)):
+            with smoothing:
                 out = plain(*more_args, **more_kwargs)
         except Exception as error:  # SEG must never break the user's generation: redo the host's call as is
             out = error
@@ -329,10 +366,50 @@ class SegRun(Run):
         self._forking = "ran"
         if blurred[0]:
             part, index = fork.at
-            self.say_once("path:fork", f"fast path, forked from the conditional branch at {part} block {index}")
+            behind = " behind ControlNet's UNet forward, with the cond rows' control" if isinstance(fork, _Tail) else ""
+            if not (behind and self._no_tail):  # else the branch could not follow and the call was repeated
+                self.say_once(
+                    "path:fork", f"fast path, forked from the conditional branch at {part} block {index}{behind}"
+                )
             self._cond_seg = out[batch:]
         # else: no selected layer could be smoothed on this step (said per layer); no SEG term this step
         return out[:batch]
+
+    @staticmethod
+    def _forked_forward(fork: _Fork) -> Callable[..., torch.Tensor]:
+        def forward(x: torch.Tensor, timesteps: Any = None, context: Any = None, y: Any = None, **_: Any) -> Any:
+            return forked_forward(fork.unet, fork.stock, fork.at, fork.rows, x, timesteps, context, y)
+
+        return forward
+
+    def _followed_forward(self, tail: _Tail, wrapper: Any, blurred: list[int]) -> Callable[..., torch.Tensor]:
+        """ControlNet's forward over the host's rows, watched; then the branch's rows from ``tail.at`` on."""
+
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            total = args[0].shape[0]
+
+            def cut(value: Any) -> Any:
+                is_rows = isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == total
+                return value[: total - tail.rows] if is_rows else value
+
+            args, kwargs = tuple(cut(v) for v in args), {k: cut(v) for k, v in kwargs.items()}
+            with recording(tail.unet, tail.at, tail.rows) as rec:
+                out = wrapper(*args, **kwargs)
+            try:
+                with self._smoothing(tail.targets, blurred):
+                    branch = tail_forward(tail.unet, rec, tail.at)
+                if not host_output_matches(tail.unet, rec, out[: tail.rows]):
+                    raise NotTail("it changes the UNet's output after the last block")
+            except NotTail as error:
+                self._no_tail = True  # the next steps repeat the host's call at once
+                self._plain_path(f"the branch cannot follow ControlNet's forward ({error}): the host's call repeated")
+                blurred[0] = 0
+                rows = slice(0, tail.rows)
+                with self.host.extra_call(self._call_state), self._smoothing(tail.targets, blurred, rows=rows):
+                    branch = wrapper(*args, **kwargs)[rows]
+            return torch.cat([out, branch])
+
+        return forward
 
     def _wrap_combine(self, denoiser: Any) -> None:
         if getattr(denoiser, "seg_wrapped_by", None) is self:

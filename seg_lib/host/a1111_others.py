@@ -102,6 +102,11 @@ def fork_blocker(unet: nn.Module) -> str | None:
     return None
 
 
+def controlnet_forward(value: Any) -> bool:
+    """Whether ``value`` (a UNet's ``forward`` attribute) is sd-webui-controlnet's active forward."""
+    return _code(getattr(value, "__func__", value)) == ("hook.py", "forward_webui")
+
+
 def _controlnet_hack(value: Any) -> bool:
     file, name = _code(getattr(value, "__func__", value))
     return file == "hook.py" and name in ("hacked_basic_transformer_inner_forward", "hacked_group_norm_forward")
@@ -115,7 +120,7 @@ def seg_blocker(unet: nn.Module) -> str | None:
     size of the first call and noise drawn at every call: no extra pass of SEG's can see the state the cond
     rows saw (a batch of another size fails inside ControlNet). SEG then makes the image without its term."""
     own = vars(unet).get("forward")
-    if own is None or idle_forward(unet, own) or _code(getattr(own, "__func__", own)) != ("hook.py", "forward_webui"):
+    if own is None or idle_forward(unet, own) or not controlnet_forward(own):
         return None
     if any(_controlnet_hack(vars(module).get(name)) for module in unet.modules() for name in _REPLACEABLE):
         return "a ControlNet reference unit (or its StyleAlign option) shares attention state across UNet calls"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from seg_lib.core.params import BY_INFOTEXT, SegParams
-from seg_lib.host.run import RUN_ATTRIBUTE, is_hires_pass, on_cfg_denoiser
+from seg_lib.host.memory import give_back_free_heap
+from seg_lib.host.run import RUN_ATTRIBUTE, Run, is_hires_pass, on_cfg_denoiser
 from seg_lib.log import log
 
 
@@ -14,6 +15,14 @@ class Adapter(Protocol):
     def start(self, p: Any, params: SegParams) -> None: ...
     def before_sampling(self, p: Any) -> None: ...
     def finish(self, p: Any) -> None: ...
+
+
+def end_run(p: Any) -> None:
+    """The generation is over: its run goes, and the C heap its rows grew is given back (see memory.py)."""
+    run = getattr(p, RUN_ATTRIBUTE, None)
+    setattr(p, RUN_ATTRIBUTE, None)
+    if isinstance(run, Run) and run.ran_on_cpu:
+        give_back_free_heap()
 
 
 class A1111Adapter:
@@ -31,7 +40,7 @@ class A1111Adapter:
         return None  # the denoiser callback finds the run at every step; nothing to set up per pass
 
     def finish(self, p: Any) -> None:
-        setattr(p, RUN_ATTRIBUTE, None)
+        end_run(p)
 
 
 class ForgeAdapter:
@@ -55,7 +64,7 @@ class ForgeAdapter:
             run.patch(p)
 
     def finish(self, p: Any) -> None:
-        setattr(p, RUN_ATTRIBUTE, None)
+        end_run(p)
 
 
 class UnsupportedAdapter:

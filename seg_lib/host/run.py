@@ -24,6 +24,7 @@ class Run:
     p: Any
     params: SegParams
     failed: bool = False
+    ran_on_cpu: bool = False  # SEG's rows lived on the C heap: the generation ends by giving it back (memory.py)
     _said: set[str] = field(default_factory=set)
     generation: SegParams | None = None
 
@@ -73,6 +74,7 @@ class Run:
                 )
             self.say_once(f"skip:{ref.part}{ref.index}", reason)
             return None
+        self.ran_on_cpu = self.ran_on_cpu or q.device.type == "cpu"
         return smooth_queries(q, grid[0], grid[1], self.params.blur_sigma)
 
     def say_once(self, key: str, message: str) -> None:

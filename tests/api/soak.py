@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from tests.api.probes import ProbeCheck
-from tests.api.webui import SEG_KEYS, call, endpoint, images, live_objects, payload, rss_mib, trimmed_rss
+from tests.api.webui import SEG_KEYS, call, endpoint, heap_figures, images, live_objects, payload, rss_mib, trimmed_rss
 
 KINDS = ["txt2img", "txt2img", "img2img", "inpaint", "hires"]
 LAYERS = ["m0", "d0-d5", "u0-u8", "d2,m0,u3", "m0.0", "u1-u3", "d0,u8", "d1-d3,u4.0", "input4", "output3"]
@@ -90,7 +90,7 @@ def run_soak(
     live = {"start": live_objects()}  # SEG's own objects alive between generations (the probe extension)
     results: list[dict[str, Any]] = []
     errors: list[str] = []
-    trims: dict[str, Any] = {}
+    heap: dict[str, Any] = {}
     began = time.perf_counter()
     for index, item in enumerate(requests):
         if index % 20 == 0:
@@ -98,7 +98,7 @@ def run_soak(
             rss[f"after {index}"] = rss_mib()
         if index == block:
             rss["after warm-up"] = rss_mib()  # the first block ran every kind of request once at least
-            trims["after warm-up"] = trimmed_rss()  # from here on, the allocator's free memory given back
+            heap["after warm-up"] = heap_figures()  # read only: a trim here would make regrowth look like growth
             live["after warm-up"] = live_objects()
         if index == total - block:
             rss["before the repeated block"] = rss_mib()
@@ -117,9 +117,9 @@ def run_soak(
     probes.check(f"after request {len(requests)}")
     rss["end"] = rss_mib()
     live["end"] = live_objects()
-    # What of the growth is free memory the allocator kept (given back by malloc_trim) rather than live data
-    trims["end"] = trimmed_rss()
-    trimmed = [(trims.get(key) or {}).get("rss_mib_after") for key in ("after warm-up", "end")]
+    heap["end"] = heap_figures()
+    in_use = [(heap.get(key) or {}).get("in_use_mib") for key in ("after warm-up", "end")]
+    trim = trimmed_rss()  # last: what of the end's RSS the allocator held free
     repeat = results[-block:]
     pairs = zip(repeat, results[:block], strict=True)
     mismatches = [again["index"] for again, first in pairs if again.get("pixels") != first.get("pixels")]
@@ -139,11 +139,11 @@ def run_soak(
         "batch_sizes": sorted({s["fields"]["batch_size"] for s in requests}),
         "samplers": sorted({s["fields"]["sampler_name"] for s in requests}),
         "rss_mib": {key: round(value, 1) for key, value in rss.items()},
-        # from the RSS the measured stretch began with (after the warm-up trim, where the probe could trim)
-        "rss_growth_after_warmup_mib": round(rss["end"] - (trimmed[0] or rss["after warm-up"]), 1),
+        "rss_growth_after_warmup_mib": round(rss["end"] - rss["after warm-up"], 1),
         "rss_growth_over_repeated_block_mib": round(rss["end"] - rss["before the repeated block"], 1),
-        "rss_malloc_trim": trims,
-        "rss_growth_after_warmup_trimmed_mib": None if None in trimmed else round(trimmed[1] - trimmed[0], 1),
+        "heap": heap,
+        "heap_in_use_growth_after_warmup_mib": None if None in in_use else round(in_use[1] - in_use[0], 1),
+        "rss_malloc_trim_at_end": trim,
         "seg_live_objects": live,
         "repeat_block_mismatches": mismatches,
         "drift_last20_vs_first20_seg_on": round(drift, 4),

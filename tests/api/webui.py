@@ -147,6 +147,12 @@ def live_objects() -> dict[str, Any] | None:
     return body if status == 200 else None
 
 
+def heap_figures() -> dict[str, Any] | None:
+    """The server's heap in use and held free, read without a trim (tests/api/seg_probe); None without it."""
+    status, body, _ = call("/seg-probe/heap")
+    return body if status == 200 else None
+
+
 def trimmed_rss() -> dict[str, Any] | None:
     """The server's RSS before and after glibc's malloc_trim (tests/api/seg_probe); None without it."""
     status, body, _ = call("/seg-probe/trim", {})

@@ -1,6 +1,7 @@
 """Test-only (never shipped with SEG): what of SEG is alive in the server process between generations, so a
 soak can tell SEG's own accumulation from the host's. ``GET /seg-probe/live`` after a full collection:
 the live objects of SEG's classes by type, the tensors they reach, and all live torch tensors.
+``GET /seg-probe/heap``: glibc's heap figures (in use, held free), read without changing anything.
 ``POST /seg-probe/trim``: the server's RSS before and after returning the allocator's free memory."""
 
 from __future__ import annotations
@@ -49,6 +50,31 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def _heap() -> dict[str, Any]:
+    """glibc's ``mallinfo2`` over all arenas: the bytes in use (heap blocks and mmapped ones) and the free
+    bytes the heap keeps. Unlike a trim it changes nothing, so a soak can read it mid-run."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    mallinfo2 = getattr(ctypes.CDLL(name), "mallinfo2", None) if name else None  # glibc 2.33+
+    if mallinfo2 is None:
+        return {"rss_mib": round(_rss_mib(), 1), "heap": False}
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return {
+        "rss_mib": round(_rss_mib(), 1),
+        "heap": True,
+        "in_use_mib": round((info.uordblks + info.hblkhd) / 2**20, 1),
+        "free_held_mib": round(info.fordblks / 2**20, 1),
+    }
+
+
 def _trim() -> dict[str, Any]:
     """RSS before and after glibc's ``malloc_trim(0)``: memory the allocator holds free (fragmentation) is
     given back, memory still in use is not, which tells an allocator's growth from a leak."""
@@ -64,6 +90,7 @@ def _trim() -> dict[str, Any]:
 
 def _on_app_started(_demo: Any, app: Any) -> None:
     app.add_api_route("/seg-probe/live", _live, methods=["GET"])
+    app.add_api_route("/seg-probe/heap", _heap, methods=["GET"])
     app.add_api_route("/seg-probe/trim", _trim, methods=["POST"])
 
 
