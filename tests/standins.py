@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg_lib.host.a1111 import Host
+from seg_lib.host.a1111_host import Host
 
 WIDTH = 8
 CONTEXT = 6
@@ -372,7 +372,7 @@ class Denoiser:
 
 
 class FakeHost(Host):
-    """``seg_lib.host.a1111.Host`` over a stand-in ``shared`` (what it reads from ``modules`` replaced)."""
+    """``seg_lib.host.a1111_host.Host`` over a stand-in ``shared`` (what it reads from ``modules`` replaced)."""
 
     def __init__(self, sd_model: LatentDiffusion, **opts: Any) -> None:
         self.sd_model = sd_model

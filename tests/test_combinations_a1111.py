@@ -314,7 +314,8 @@ def test_controlnet_that_changes_the_output_after_the_last_block_gets_the_hosts_
     torch.testing.assert_close(rig.step(), wanted, rtol=1e-9, atol=1e-9)
     assert rig.inner.calls == [6, 4, 4]
     out = capsys.readouterr().out
-    assert out.count("the branch cannot follow ControlNet's forward (it changes the UNet's output") == 1
+    assert out.count("ControlNet, and the branch cannot follow it: it changes the UNet's output") == 1
+    assert out.count("[SEG]") == 1
     assert BEHIND_LINE not in out
 
 

@@ -28,140 +28,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from seg_lib.core.blocks import LayerRef
-from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import cond_weights, in_step_window, rescale_args, seg_guidance
+from seg_lib.host.a1111_host import Host, cond_rows, make_condition, match_host_padding
 from seg_lib.host.a1111_others import controlnet_forward, fork_blocker, idle_forward, seg_blocker
+from seg_lib.host.a1111_smoothing import Target, Targets, query_smoothing
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
-from seg_lib.host.one_query import one_query_attn1
 from seg_lib.host.run import Run
 from seg_lib.host.tail_fork import NotTail, host_output_matches, recording, tail_forward
 from seg_lib.host.unet_layout import attn1_module, spatial_transformer
 from seg_lib.settings import fast_path_enabled
-
-
-@dataclass(frozen=True)
-class _Target:
-    """One selected attn1 layer of a loaded UNet, with the SpatialTransformer whose input holds its grid."""
-
-    ref: LayerRef
-    attn1: nn.Module
-    transformer: nn.Module
-
-
-_Targets = list[_Target]
-
-
-def cond_rows(text_cond: Any) -> int:
-    """Number of cond rows in the host's stacked conditioning (tensor or SDXL dict)."""
-    if isinstance(text_cond, dict):
-        return next(iter(text_cond.values())).shape[0]
-    return text_cond.shape[0]
-
-
-def make_condition(text_cond: Any, image_cond: torch.Tensor, conditioning_key: str | None) -> dict[str, Any]:
-    """The conditioning dict the host's inner model takes, built as ``CFGDenoiser.forward`` builds it."""
-    if conditioning_key == "crossattn-adm":  # unCLIP: image_cond holds the image embedding
-        return {"c_crossattn": [text_cond], "c_adm": image_cond}
-    if isinstance(text_cond, dict):  # SDXL: crossattn + vector
-        return {**text_cond, "c_concat": [image_cond]}
-    return {"c_crossattn": [text_cond], "c_concat": [image_cond]}
-
-
-class Host:
-    """What the adapter reads from the running A1111 (a stand-in replaces it in tests)."""
-
-    def unet(self) -> nn.Module | None:
-        """The UNet now in use; a refiner switch changes it mid-generation."""
-        from modules import shared
-
-        model = getattr(shared.sd_model, "model", None)
-        return getattr(model, "diffusion_model", None)
-
-    def conditioning_key(self) -> str | None:
-        from modules import shared
-
-        return getattr(getattr(shared.sd_model, "model", None), "conditioning_key", None)
-
-    def opts(self) -> Any:
-        from modules import shared
-
-        return shared.opts
-
-    def stock_forwards(self) -> dict[Callable[..., Any], bool]:
-        """The UNet forwards known to be the stock one (the host's patched wrappers and the originals),
-        each with whether it casts its input (ldm does, sgm does not)."""
-        from modules import sd_hijack
-
-        stock = {}
-        for name, casts in (
-            ("ldm_patched_forward", True),
-            ("ldm_original_forward", True),
-            ("sgm_patched_forward", False),
-            ("sgm_original_forward", False),
-        ):
-            if (function := getattr(sd_hijack, name, None)) is not None:
-                stock[function] = casts
-        return stock
-
-    def custom_unet_active(self) -> bool:
-        """A ``sd_unet`` replacement (TensorRT and the like) takes over the stock forward."""
-        from modules import sd_unet
-
-        return getattr(sd_unet, "current_unet", None) is not None
-
-    def token_regrouping(self) -> str:
-        """Host features that split or merge a layer's tokens, for the console line of a skipped layer."""
-        opts, found = self.opts(), []
-        if getattr(opts, "hypertile_enable_unet", False) or getattr(opts, "hypertile_enable_unet_secondpass", False):
-            found.append("Hypertile U-Net is on")
-        if any(getattr(opts, key, 0) for key in ("token_merging_ratio", "token_merging_ratio_hr")):
-            found.append("token merging is on")
-        return ", ".join(found)
-
-    def call_state(self) -> Any:
-        """The state other extensions draw from at every UNet call: Hypertile's tile-size generator."""
-        rng = getattr(sys.modules.get("hypertile"), "RNG_INSTANCE", None)
-        return None if rng is None else (rng, rng.getstate())
-
-    @contextlib.contextmanager
-    def extra_call(self, before_host_call: Any) -> Iterator[None]:
-        """Around SEG's own extra UNet call: Hypertile draws its tiles at random at every attention call. The
-        extra call replays the draws of the host's call (``before_host_call``, taken before it), so the cond
-        rows' copies are tiled as the cond rows were; then the generator goes back to where the host's call
-        left it, so the host's later calls tile as they would without SEG."""
-        if before_host_call is None:
-            yield
-            return
-        rng, before = before_host_call
-        after = rng.getstate()
-        rng.setstate(before)
-        try:
-            yield
-        finally:
-            rng.setstate(after)
-
-
-def match_host_padding(host: Host, denoiser: Any, text_cond: Any, text_uncond: Any) -> Any:
-    """The cond rows padded the way the host padded them for its own call (so cond and cond_seg match)."""
-    tensor = text_cond["crossattn"] if isinstance(text_cond, dict) else text_cond
-    other = text_uncond["crossattn"] if isinstance(text_uncond, dict) else text_uncond
-    if tensor.shape[1] == other.shape[1] or isinstance(text_cond, dict):
-        return text_cond  # equal already, or a dict the host padded in place
-    opts = host.opts()
-    if getattr(opts, "pad_cond_uncond_v0", False):
-        return text_cond  # v0 pads only the uncond
-    if getattr(opts, "pad_cond_uncond", False):
-        return denoiser.pad_cond_uncond(text_cond, text_uncond)[0]
-    return text_cond
 
 
 @dataclass(frozen=True)
@@ -173,7 +55,7 @@ class _Fork:
     at: tuple[str, int]
     rows: int
     batches: tuple[int, ...]  # the host call sizes that hold every cond row first: all rows, or cond only
-    targets: _Targets
+    targets: Targets
 
 
 @dataclass(frozen=True)
@@ -184,7 +66,7 @@ class _Tail:
     at: tuple[str, int]
     rows: int
     batches: tuple[int, ...]
-    targets: _Targets
+    targets: Targets
 
 
 @dataclass(frozen=True)
@@ -193,7 +75,7 @@ class _Replay:
 
     rows: int
     batches: tuple[int, ...]
-    targets: _Targets
+    targets: Targets
 
 
 @dataclass
@@ -202,12 +84,12 @@ class SegRun(Run):
 
     host: Host = field(default_factory=Host)
     _stash: Any = None  # this step's CFGDenoiserParams: the host reads its inputs back from it too
-    _targets: dict[tuple[int, str], _Targets | None] = field(default_factory=dict)
+    _targets: dict[tuple[int, str], Targets | None] = field(default_factory=dict)
     _fork: _Fork | _Tail | _Replay | None = None  # armed for the host's next model call of this step
     _cond_seg: torch.Tensor | None = None  # the smoothed branch the fast path computed this step
     _call_state: Any = None  # other extensions' per-call state before the host's call of this step
     _forking: str = "no"  # this step's fork: "no", "armed" (a missing cond_seg then means split rows), "ran"
-    _no_tail: bool = False  # the branch could not follow the wrapper's forward: repeat the host's call
+    _no_tail: str = ""  # why the branch could not follow ControlNet's forward: the next steps repeat the call
 
     # -- host callbacks -------------------------------------------------------------------------------
     def on_denoiser(self, params: Any) -> None:
@@ -258,7 +140,7 @@ class SegRun(Run):
         at = first_block(target.ref for target in targets)
         return _Fork(unet, stock, at, rows, (params.x.shape[0], rows), targets)
 
-    def _plan_behind(self, params: Any, unet: nn.Module, targets: _Targets) -> _Tail | _Replay | None:
+    def _plan_behind(self, params: Any, unet: nn.Module, targets: Targets) -> _Tail | _Replay | None:
         """Another extension's wrapper owns the UNet's forward (an active ControlNet unit). Such wrappers keep
         what they compute for the batch of the host's call (ControlNet caches its inpaint and reference
         latents for that batch size), so the host's call keeps its batch. Behind ControlNet's own forward the
@@ -271,8 +153,11 @@ class SegRun(Run):
         why = self._tail_blocker(unet)
         if why is None:
             return _Tail(unet, first_block(target.ref for target in targets), rows, batches, targets)
-        self._plain_path(f"another extension wraps the UNet's forward ({why}): the host's call repeated")
+        self._say_repeated(why)
         return _Replay(rows, batches, targets)
+
+    def _say_repeated(self, why: str | None) -> None:
+        self._plain_path(f"another extension wraps the UNet's forward ({why}): the host's call repeated")
 
     def _tail_blocker(self, unet: nn.Module) -> str | None:
         if not controlnet_forward(vars(unet)["forward"]):
@@ -280,14 +165,14 @@ class SegRun(Run):
         if not fast_path_enabled(self.host.opts()):
             return "ControlNet; the fast SEG setting is off"
         if self._no_tail:
-            return "ControlNet"
+            return f"ControlNet, and the branch cannot follow it: {self._no_tail}"
         if "Hypertile" in self.host.token_regrouping():  # it draws tiles per attention call: the order matters
             return "ControlNet, with Hypertile"
         blocker = fork_blocker(unet)
         return None if blocker is None else f"ControlNet, and {blocker}"
 
     def _wrap_inner(self, inner: Any) -> bool:
-        """Route the host's model call through ``_forked_call`` / ``_replayed_call`` when this step's plan is
+        """Route the host's model call through ``_call_with_branch`` / ``_replayed_call`` when this step's plan is
         armed; False (with the console line) when the sampler's model cannot be wrapped."""
         if not isinstance(inner, nn.Module):
             self._plain_path("the sampler's model wrapper is not a torch module")
@@ -401,8 +286,8 @@ class SegRun(Run):
                 if not host_output_matches(tail.unet, rec, out[: tail.rows]):
                     raise NotTail("it changes the UNet's output after the last block")
             except NotTail as error:
-                self._no_tail = True  # the next steps repeat the host's call at once
-                self._plain_path(f"the branch cannot follow ControlNet's forward ({error}): the host's call repeated")
+                self._no_tail = str(error)
+                self._say_repeated(self._tail_blocker(tail.unet))
                 blurred[0] = 0
                 rows = slice(0, tail.rows)
                 with self.host.extra_call(self._call_state), self._smoothing(tail.targets, blurred, rows=rows):
@@ -478,62 +363,19 @@ class SegRun(Run):
             return None  # no selected layer could be smoothed on this step (said per layer): no SEG term
         return cond_seg
 
-    def _targets_for(self, unet: nn.Module | None) -> _Targets | None:
+    def _targets_for(self, unet: nn.Module | None) -> Targets | None:
         key = (id(unet), self.params.layers)  # the hires pass may select other layers
         if key not in self._targets:
             self._targets[key] = self._resolve(unet)
         return self._targets[key]
 
-    def _resolve(self, unet: nn.Module | None) -> _Targets | None:
+    def _resolve(self, unet: nn.Module | None) -> Targets | None:
         refs = self.selected_layers(unet)
         if refs is None:
             return None
-        return [_Target(ref, attn1_module(unet, ref), spatial_transformer(unet, ref)) for ref in refs]
+        return [Target(ref, attn1_module(unet, ref), spatial_transformer(unet, ref)) for ref in refs]
 
-    @contextlib.contextmanager
-    def _smoothing(self, targets: _Targets, blurred: list[int], rows: slice | None = None) -> Iterator[None]:
-        """Hooks on each selected layer for the duration of one UNet call: its SpatialTransformer's input
-        tells the grid of this very call (Deep Shrink, tiles and hires passes change it), and ``attn1.to_q``
-        smooths the last ``rows`` rows of the queries on it (all rows when None)."""
-        grids: dict[int, tuple[int, int]] = {}
-        why = self.host.token_regrouping()
-
-        # sigma = inf: attention for one mean query per row (one_query.py), on layers whose attn1 no other
-        # extension wraps (Hypertile draws its tiles at every call: a split call would draw them twice)
-        one_query = {
-            id(t.attn1) for t in targets if is_infinite(self.params.blur_sigma) and "forward" not in vars(t.attn1)
-        }
-        state = {"one": False}
-
-        def see_grid(module: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
-                grids[id(module)] = tuple(args[0].shape[-2:])
-
-        def hook_for(target: _Target) -> Callable[..., torch.Tensor]:
-            def smooth(_module: nn.Module, _args: object, q: torch.Tensor) -> torch.Tensor:
-                if id(target.attn1) in one_query:  # its forward passes the rows to smooth alone, state["one"] set
-                    grid = grids.get(id(target.transformer))
-                    smoothed = self.smoothed(target.ref, q, grid, why) if state["one"] else None
-                    blurred[0] += smoothed is not None
-                    return q if smoothed is None else smoothed[:, :1]
-                part = q if rows is None else q[rows]
-                smoothed = self.smoothed(target.ref, part, grids.get(id(target.transformer)), why)
-                if smoothed is None:
-                    return q
-                blurred[0] += 1
-                if rows is None:
-                    return smoothed
-                part.copy_(smoothed)  # the branch's rows only, in place: the host's rows are untouched
-                return q
-
-            return smooth
-
-        transformers = {id(target.transformer): target.transformer for target in targets}
-        handles = [module.register_forward_pre_hook(see_grid) for module in transformers.values()]
-        try:
-            handles += [target.attn1.to_q.register_forward_hook(hook_for(target)) for target in targets]
-            with one_query_attn1([t.attn1 for t in targets if id(t.attn1) in one_query], rows, state):
-                yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def _smoothing(
+        self, targets: Targets, blurred: list[int], rows: slice | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        return query_smoothing(self, targets, blurred, rows, self.host.token_regrouping())
