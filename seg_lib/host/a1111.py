@@ -156,6 +156,9 @@ class SegRun(Run):
         self._say_repeated(why)
         return _Replay(rows, batches, targets)
 
+    def _cannot_follow(self) -> str:
+        return f"ControlNet, and the branch cannot follow it: {self._no_tail}"
+
     def _say_repeated(self, why: str | None) -> None:
         self._plain_path(f"another extension wraps the UNet's forward ({why}): the host's call repeated")
 
@@ -165,7 +168,7 @@ class SegRun(Run):
         if not fast_path_enabled(self.host.opts()):
             return "ControlNet; the fast SEG setting is off"
         if self._no_tail:
-            return f"ControlNet, and the branch cannot follow it: {self._no_tail}"
+            return self._cannot_follow()
         if "Hypertile" in self.host.token_regrouping():  # it draws tiles per attention call: the order matters
             return "ControlNet, with Hypertile"
         blocker = fork_blocker(unet)
@@ -287,7 +290,7 @@ class SegRun(Run):
                     raise NotTail("it changes the UNet's output after the last block")
             except NotTail as error:
                 self._no_tail = str(error)
-                self._say_repeated(self._tail_blocker(tail.unet))
+                self._say_repeated(self._cannot_follow())
                 blurred[0] = 0
                 rows = slice(0, tail.rows)
                 with self.host.extra_call(self._call_state), self._smoothing(tail.targets, blurred, rows=rows):
