@@ -134,29 +134,32 @@ def rss_mib() -> float:
     return body["ram"]["used"] / 2**20
 
 
+def _probe(route: str, body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A route of the test-only probe extension (tests/api/seg_probe), POST when ``body`` is given; None
+    when the probe is not installed."""
+    status, answer, _ = call(f"/seg-probe/{route}", body)
+    return answer if status == 200 else None
+
+
 def registrations() -> dict[str, Any] | None:
     """What SEG registered in the host, from the test-only probe extension (tests/api/seg_probe); None
     when the probe is not installed."""
-    status, body, _ = call("/seg-probe/registrations")
-    return body if status == 200 else None
+    return _probe("registrations")
 
 
 def live_objects() -> dict[str, Any] | None:
-    """SEG's live objects in the server after a full collection (tests/api/seg_probe); None without it."""
-    status, body, _ = call("/seg-probe/live")
-    return body if status == 200 else None
+    """SEG's live objects in the server after a full collection; None without the probe."""
+    return _probe("live")
 
 
 def heap_figures() -> dict[str, Any] | None:
-    """The server's heap in use and held free, read without a trim (tests/api/seg_probe); None without it."""
-    status, body, _ = call("/seg-probe/heap")
-    return body if status == 200 else None
+    """The server's heap in use and held free, read without a trim; None without the probe."""
+    return _probe("heap")
 
 
 def trimmed_rss() -> dict[str, Any] | None:
-    """The server's RSS before and after glibc's malloc_trim (tests/api/seg_probe); None without it."""
-    status, body, _ = call("/seg-probe/trim", {})
-    return body if status == 200 else None
+    """The server's RSS before and after glibc's malloc_trim; None without the probe."""
+    return _probe("trim", {})
 
 
 def wait_until_up(timeout: float = 600) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import sys
 from collections import Counter
@@ -50,6 +51,12 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
 class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
@@ -61,8 +68,8 @@ def _heap() -> dict[str, Any]:
     """glibc's ``mallinfo2`` over all arenas: the bytes in use (heap blocks and mmapped ones) and the free
     bytes the heap keeps. Unlike a trim it changes nothing, so a soak can read it mid-run."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    mallinfo2 = getattr(ctypes.CDLL(name), "mallinfo2", None) if name else None  # glibc 2.33+
+    libc = _libc()
+    mallinfo2 = getattr(libc, "mallinfo2", None)  # glibc 2.33+
     if mallinfo2 is None:
         return {"rss_mib": round(_rss_mib(), 1), "heap": False}
     mallinfo2.restype = _MallInfo2
@@ -80,8 +87,7 @@ def _trim() -> dict[str, Any]:
     given back, memory still in use is not, which tells an allocator's growth from a leak."""
     gc.collect()
     before = _rss_mib()
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = _libc()
     trimmed = libc is not None and hasattr(libc, "malloc_trim")  # glibc only
     if trimmed:
         libc.malloc_trim(0)
