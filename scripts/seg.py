@@ -38,8 +38,14 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
     def process(self, p: Any, *args: Any) -> None:
         ADAPTER.start(p, params_for_generation(p, args))
 
+    def process_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        ADAPTER.begin_batch(p)
+
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         ADAPTER.before_sampling(p)
+
+    def postprocess_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        ADAPTER.end_batch(p)
 
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
         ADAPTER.finish(p)

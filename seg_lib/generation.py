@@ -1,12 +1,11 @@
-"""Per-generation settings, shared by both hosts: UI/API arguments plus XYZ overrides -> SegParams,
-and the infotext that goes with them."""
+"""Per-generation settings, shared by every host: UI/API arguments plus XYZ overrides -> SegParams."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from seg_lib.core.params import BY_INFOTEXT, PARAMS, SegParams, params_from_args, to_infotext
+from seg_lib.core.params import BY_INFOTEXT, PARAMS, SegParams, params_from_args
 from seg_lib.log import log
 from seg_lib.xyz import overrides
 
@@ -20,10 +19,11 @@ def script_args_to_params(args: Sequence[Any]) -> SegParams:
 
 
 def params_for_generation(p: Any, args: Sequence[Any]) -> SegParams:
-    """Settings for this generation (XYZ cell values win), with the infotext set to match.
+    """Settings for this generation (XYZ cell values win). Invalid settings switch SEG off for it, with one line.
 
-    SEG keys are removed first: XYZ cells share one ``extra_generation_params`` dict, and a cell with
-    SEG off must carry no SEG keys. Invalid settings switch SEG off for this generation, with one line.
+    SEG keys are removed from the infotext: XYZ cells share one ``extra_generation_params`` dict, and a cell
+    with SEG off must carry no SEG keys. They are written back once a step is guided (``Run.note_guided``),
+    so that an image claims SEG only where SEG ran.
     """
     for key in BY_INFOTEXT:
         p.extra_generation_params.pop(key, None)
@@ -36,6 +36,4 @@ def params_for_generation(p: Any, args: Sequence[Any]) -> SegParams:
     except ValueError as error:
         log(f"SEG is off for this generation: {error}")
         return SegParams()
-    if params.enabled:
-        p.extra_generation_params.update(to_infotext(params, hires_fix=bool(getattr(p, "enable_hr", False))))
     return params

@@ -142,11 +142,12 @@ def test_a_later_clone_keeps_the_same_call():
     torch.testing.assert_close(result, rig.plain() + 3.0 * (rig.predict(rig.cond) - rig.predict(rig.cond, ["m0"])))
 
 
-def test_fast_path_off_installs_only_the_post_cfg_function(capsys):
+def test_fast_path_off_installs_no_wrapper(capsys):
+    """Off: the post-CFG function, and the pre-CFG function that tells the step's call from nested ones."""
     rig = ForgeRig(SegParams(enabled=True), fast=False)
     rig.run.patch(rig.p)
     options = rig.p.sd_model.forge_objects.unet.model_options
-    assert set(options) == {"transformer_options", "sampler_post_cfg_function"}
+    assert set(options) == {"transformer_options", "sampler_post_cfg_function", "sampler_pre_cfg_function"}
     rig.step()
     assert rig.model.calls == [2, 1]  # cond + uncond, then the cond-only extra call
     assert f"{SEPARATE_LINE} (fast path off in Settings)" in capsys.readouterr().out

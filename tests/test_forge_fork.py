@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from seg_lib.core.params import SegParams
 from seg_lib.host import forge_fork
 from seg_lib.host.forge import SMOOTH_ROWS
-from seg_lib.host.forge_fork import FORGE, ForkPlan, forked_forward, plan_fork
+from seg_lib.host.forge_fork import BACKEND, LDM_PATCHED, ForkPlan, forked_forward, plan_fork
 from tests import standins_forge_unet
 from tests.standins import CONTEXT, WIDTH
 from tests.standins_forge_unet import IntegratedUNet2DConditionModel
@@ -27,7 +27,7 @@ from tests.test_forge_adapter import ForgeRig
 
 pytestmark = pytest.mark.usefixtures("float64")
 
-STOCK = {IntegratedUNet2DConditionModel.forward: FORGE}
+STOCK = {IntegratedUNet2DConditionModel: BACKEND}
 COND = slice(2, 4)  # Forge batches the uncond chunk first: rows 0-1 uncond, 2-3 cond
 
 
@@ -192,7 +192,9 @@ def test_plan_names_what_it_cannot_carry():
     assert isinstance(plan(control=residuals(x), control_model=object()), ForkPlan)
     assert "shape (3, 8, 3, 2) for 4 rows" in plan(control={"middle": [torch.zeros(3, WIDTH, 3, 2)]})
     assert "'gligen'" in plan(gligen=torch.zeros(4))
-    assert "is not Forge's" in plan_fork(torch.nn.Linear(1, 1), STOCK, ("middle", 0), {"input": x, "c": {}}, COND)
+    assert "is not the host's stock one" in plan_fork(
+        torch.nn.Linear(1, 1), STOCK, ("middle", 0), {"input": x, "c": {}}, COND
+    )
     hooked = IntegratedUNet2DConditionModel()
     hooked.register_forward_hook(lambda *a: None)
     assert "hooks" in plan_fork(hooked, STOCK, ("middle", 0), {"input": x, "c": {}}, COND)
@@ -327,9 +329,9 @@ def test_the_ldm_patched_family_runs_each_block_through_forward_timestep_embed(m
     gen = torch.Generator().manual_seed(2)
     x, t, context = torch.randn(4, 4, 11, 7, generator=gen), torch.rand(4, generator=gen), torch.randn(4, 3, CONTEXT)
     outs = []
-    for family in (FORGE, forge_fork.LEGACY):
+    for variant in (BACKEND, LDM_PATCHED):
         args = {"input": x, "c": {"transformer_options": _options("freeu", [1, 0])}}
-        plan = plan_fork(unet, {IntegratedUNet2DConditionModel.forward: family}, ("input", 1), args, COND)
+        plan = plan_fork(unet, {IntegratedUNet2DConditionModel: variant}, ("input", 1), args, COND)
         with torch.no_grad():
             outs.append(
                 forked_forward(

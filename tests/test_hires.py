@@ -11,7 +11,7 @@ import torch
 from seg_lib.core.params import SegParams, for_pass, to_infotext
 from seg_lib.generation import params_for_generation
 from seg_lib.host.adapter import A1111Adapter, ForgeAdapter
-from seg_lib.host.run import RUN_ATTRIBUTE
+from seg_lib.host.run import RUN_ATTRIBUTE, Run
 from tests.standins import make_p
 from tests.test_a1111_adapter import Rig
 from tests.test_forge_adapter import ForgeRig
@@ -44,24 +44,41 @@ def _hires_p(enable_hr: bool) -> SimpleNamespace:
     return p
 
 
+def _guided(p, args, passes=("first",)) -> dict:
+    """The infotext after the named passes each had a guided step."""
+    run = Run(p, params_for_generation(p, args))
+    run.begin_batch()
+    for name in passes:
+        p.is_hr_pass = name == "hires"
+        run.note_guided()
+    return p.extra_generation_params
+
+
 def test_hires_infotext_only_with_hires_fix_and_a_non_default_setting():
     args = [True, 3.0, "inf", "m0", 0.0, 1.0, 0.0, "full", "override", 6.0, "2", "u0"]
-    with_hr = _hires_p(True)
-    params_for_generation(with_hr, args)
-    assert with_hr.extra_generation_params["SEG Hires"] == "override"
-    assert with_hr.extra_generation_params["SEG Hires Scale"] == "6.0"
-    assert with_hr.extra_generation_params["SEG Hires Sigma"] == "2.0"
-    assert with_hr.extra_generation_params["SEG Hires Layers"] == "u0"
-    without = _hires_p(False)
-    params_for_generation(without, args)
-    assert not any(key.startswith("SEG Hires") for key in without.extra_generation_params)
-    default = _hires_p(True)
-    params_for_generation(default, [True])
-    assert not any(key.startswith("SEG Hires") for key in default.extra_generation_params)
-    off = _hires_p(True)
-    params_for_generation(off, [True, 3.0, "inf", "m0", 0.0, 1.0, 0.0, "full", "off"])
-    assert off.extra_generation_params["SEG Hires"] == "off"
-    assert "SEG Hires Scale" not in off.extra_generation_params
+    with_hr = _guided(_hires_p(True), args, ("first", "hires"))
+    assert with_hr["SEG Hires"] == "override"
+    assert with_hr["SEG Hires Scale"] == "6.0"
+    assert with_hr["SEG Hires Sigma"] == "2.0"
+    assert with_hr["SEG Hires Layers"] == "u0"
+    without = _guided(_hires_p(False), args)
+    assert not any(key.startswith("SEG Hires") for key in without)
+    default = _guided(_hires_p(True), [True], ("first", "hires"))
+    assert not any(key.startswith("SEG Hires") for key in default)
+    off = _guided(_hires_p(True), [True, 3.0, "inf", "m0", 0.0, 1.0, 0.0, "full", "off"])
+    assert off["SEG Hires"] == "off"
+    assert "SEG Hires Scale" not in off
+
+
+@pytest.mark.parametrize("hires", ["same", "override"])
+def test_a_hires_pass_that_guided_nothing_says_seg_was_off_there(hires):
+    """Until the hires pass has had a guided step, the infotext says SEG was off in it (and only then)."""
+    args = [True, 3.0, "inf", "m0", 0.0, 1.0, 0.0, "full", hires, 6.0, "2", "u0"]
+    first_only = _guided(_hires_p(True), args)
+    assert first_only["SEG Hires"] == "off"
+    assert "SEG Hires Scale" not in first_only
+    assert first_only["SEG Scale"] == "3.0"
+    assert ("SEG Hires" in _guided(_hires_p(True), args, ("first", "hires"))) == (hires == "override")
 
 
 # -- A1111 ----------------------------------------------------------------------------------------------------

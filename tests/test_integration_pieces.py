@@ -15,6 +15,7 @@ from seg_lib.core.params import SegParams, to_infotext
 from seg_lib.core.paste import normalize_pasted, seg_from_infotext
 from seg_lib.generation import params_for_generation, script_args_to_params
 from seg_lib.host import detect_host
+from seg_lib.host.run import Run
 from seg_lib.host.unet_layout import attn1_module, read_layout
 from seg_lib.xyz import OVERRIDES_ATTRIBUTE, register_axes
 from tests.guard_driver import through_guard
@@ -72,14 +73,20 @@ def test_no_host_is_detected_in_tests():
 
 
 # -- per-generation settings ------------------------------------------------------------------------------
-def test_generation_writes_infotext_only_when_enabled():
+def test_generation_writes_infotext_only_once_a_step_was_guided():
     p = make_p()
     p.extra_generation_params.update({"SEG Scale": "9.0", "Steps": 20})  # left by an earlier XYZ cell
     assert params_for_generation(p, [False, 3.0, "inf", "m0", 0.0, 1.0]) == SegParams()
     assert p.extra_generation_params == {"Steps": 20}
     params = params_for_generation(p, [True, 2.0, "10", "d0,m0", 0.0, 0.8])
     assert params == SegParams(True, 2.0, 10.0, "d0,m0", 0.0, 0.8)
+    assert p.extra_generation_params == {"Steps": 20}  # nothing claimed before SEG ran
+    run = Run(p, params)
+    run.begin_batch()
+    run.note_guided()
     assert p.extra_generation_params == {"Steps": 20, **to_infotext(params)}
+    run.begin_batch()  # the next batch of the generation claims SEG again only once it is guided
+    assert p.extra_generation_params == {"Steps": 20}
 
 
 def test_xyz_cell_overrides_win_and_imply_enabled():

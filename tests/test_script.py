@@ -77,8 +77,12 @@ def test_script_is_always_visible_and_keeps_no_state(loaded):
     p = make_p()
     script.process(p, True, 2.0, "4", "m0", 0.0, 1.0)
     assert getattr(p, RUN_ATTRIBUTE).params == SegParams(True, 2.0, 4.0, "m0", 0.0, 1.0)
+    script.process_batch(p, True, 2.0, "4", "m0", 0.0, 1.0, batch_number=0)
+    assert "SEG Scale" not in p.extra_generation_params  # claimed once a step is guided
+    getattr(p, RUN_ATTRIBUTE).note_guided()
     assert p.extra_generation_params["SEG Scale"] == "2.0"
     script.process_before_every_sampling(p, True, 2.0, "4", "m0", 0.0, 1.0)
+    script.postprocess_batch(p, True, 2.0, "4", "m0", 0.0, 1.0, batch_number=0)
     script.postprocess(p, SimpleNamespace(), True, 2.0, "4", "m0", 0.0, 1.0)
     assert getattr(p, RUN_ATTRIBUTE) is None
     assert vars(script) == before  # nothing about the generation stayed on the Script

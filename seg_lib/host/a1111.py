@@ -343,9 +343,11 @@ class SegRun(Run):
             if conds_list is not None and not all(pairs == [(i, 1.0)] for i, pairs in enumerate(conds_list)):
                 weights = cond_weights(conds_list, rows, dtype=result.dtype, device=result.device)
             uncond = x_out[-result.shape[0] :]  # the host's uncond rows (snf rescale reads them)
-            return seg_guidance(
+            guided = seg_guidance(
                 result, x_out[:rows], cond_seg, self.params.scale, weights, **rescale_args(self.params, uncond)
             )
+            self.note_guided()
+            return guided
         except Exception as error:  # SEG must never break the user's generation
             self.give_up(f"SEG failed and is off for the rest of this generation: {error!r}")
             return result

@@ -14,7 +14,28 @@ class Adapter(Protocol):
     def install_callbacks(self, callbacks: Any) -> None: ...
     def start(self, p: Any, params: SegParams) -> None: ...
     def before_sampling(self, p: Any) -> None: ...
+    def begin_batch(self, p: Any) -> None: ...
+    def end_batch(self, p: Any) -> None: ...
     def finish(self, p: Any) -> None: ...
+
+
+def _run_of(p: Any) -> Run | None:
+    run = getattr(p, RUN_ATTRIBUTE, None)
+    return run if isinstance(run, Run) else None
+
+
+class _Batches:
+    """Both hosts: a batch's images claim SEG only once one of its steps was guided (``Run.note_guided``)."""
+
+    def begin_batch(self, p: Any) -> None:
+        run = _run_of(p)
+        if run is not None:
+            run.begin_batch()
+
+    def end_batch(self, p: Any) -> None:
+        run = _run_of(p)
+        if run is not None:
+            run.end_batch()
 
 
 def end_run(p: Any) -> None:
@@ -25,7 +46,7 @@ def end_run(p: Any) -> None:
         give_back_free_heap()
 
 
-class A1111Adapter:
+class A1111Adapter(_Batches):
     """AUTOMATIC1111: a SegRun on ``p``, driven by ``on_cfg_denoiser`` (see ``host/a1111.py``)."""
 
     def install_callbacks(self, callbacks: Any) -> None:
@@ -43,7 +64,7 @@ class A1111Adapter:
         end_run(p)
 
 
-class ForgeAdapter:
+class ForgeAdapter(_Batches):
     """Forge: a ForgeRun on ``p`` that patches each sampling pass's UNet (see ``host/forge.py``)."""
 
     def __init__(self, host: str) -> None:
@@ -83,6 +104,12 @@ class UnsupportedAdapter:
                 p.extra_generation_params.pop(key, None)
 
     def before_sampling(self, p: Any) -> None:
+        return None
+
+    def begin_batch(self, p: Any) -> None:
+        return None
+
+    def end_batch(self, p: Any) -> None:
         return None
 
     def finish(self, p: Any) -> None:

@@ -12,15 +12,18 @@ rows' residuals, so the copies get what the cond rows get. The per-row bookkeepi
 (``cond_or_uncond``, ``cond_mark``, ``cond_indices``, ``uncond_indices``, SEG's row marker) describes the host's
 rows before the fork and the bigger batch after it.
 
-Two bodies are written from the host's source: new Forge ``backend/nn/unet.py``
-(``IntegratedUNet2DConditionModel.forward``) and the ``ldm_patched`` family's ``openaimodel.UNetModel.forward``.
+The body is written from the hosts' source, in three variants (``Variant``): new Forge ``backend/nn/unet.py``
+(``IntegratedUNet2DConditionModel.forward``, also ersatzForge's), the 2024 Forge / Forge Classic
+``ldm_patched`` ``openaimodel.UNetModel.forward``, and reForge's, which is ComfyUI's ``UNetModel._forward``
+behind a wrapper executor (``emb_patch``, no block modifiers, the cast before the output layer). Which one a
+running host has is read from its source (``read_forward``); a forward SEG does not know is not forked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -28,24 +31,83 @@ from typing import Any
 import torch
 from torch import nn
 
+from seg_lib.host import reading
+
 # Keys of the UNet call's ``c`` the fork carries to the copies itself (other non-row values stop the fork).
 CARRIED = ("control", "control_model")
 # Keys of ``c`` the stock forward (or KModel before it) reads; anything else might be read per row elsewhere.
 _KNOWN_C = ("c_concat", "c_crossattn", "y", "transformer_options", *CARRIED)
 # Per-row bookkeeping in transformer_options: host values before the fork, the bigger batch's after it.
-ROW_KEYS = ("cond_or_uncond", "cond_mark", "cond_indices", "uncond_indices")
-FORGE, LEGACY = "forge", "ldm_patched"
+ROW_KEYS = ("cond_or_uncond", "cond_mark", "cond_indices", "uncond_indices", "uuids")
 
 
-def stock_forwards(host: str) -> dict[Callable[..., Any], str]:
-    """The UNet forwards the fork stands in for, each with its family (imports the host; call it in the WebUI)."""
+@dataclass(frozen=True)
+class Variant:
+    """One stock UNet forward the fork reproduces: where it is, and how its body differs from the others."""
+
+    name: str
+    entry: str = "forward"  # the method the fork stands in for during one call
+    via_embed: bool = False  # blocks run through the module's ``forward_timestep_embed`` with the video arguments
+    block_modifiers: bool = True  # ``block_modifiers`` run before and after each block and the output layer
+    group_norm_wrapper: bool = False  # the output layer's norm may be wrapped (``group_norm_wrapper``)
+    emb_patch: bool = False  # ``emb_patch`` patches act on the time embedding
+    cast_before_out: bool = False  # the hidden state is cast to the input's dtype before the output layer
+    image_only_default: bool = True  # ``image_only_indicator`` defaults to the UNet's own default (else None)
+
+
+BACKEND = Variant("backend", group_norm_wrapper=True)  # new Forge and its Forge 2 forks: backend/nn/unet.py
+LDM_PATCHED = Variant("ldm_patched", via_embed=True)  # the 2024 Forge and Forge Classic
+COMFY = Variant(  # reForge: ComfyUI's openaimodel, behind a diffusion-model wrapper executor
+    "ldm_patched (ComfyUI's)",
+    entry="_forward",
+    via_embed=True,
+    block_modifiers=False,
+    emb_patch=True,
+    cast_before_out=True,
+    image_only_default=False,
+)
+# What each stock forward reads and calls (``reading.fingerprint``), read from the hosts' source; a forward
+# with another fingerprint is a version the fork does not know, and the copies run through the whole UNet.
+KNOWN_FORWARDS = {
+    "6928550a48d9": (BACKEND, "Forge main dfdcbab6, ersatzForge fca12a2"),
+    "77568dc82d64": (LDM_PATCHED, "Forge Classic 1f95d717"),
+    "abad385ee7ea": (COMFY, "reForge 3b56b268"),
+}
+_NEEDED = ("timestep_embedding", "apply_control")
+
+
+def read_forward(cls: type, namespace: ModuleType | None) -> Variant | str:
+    """Which known stock forward the UNet class ``cls`` (of module ``namespace``) has, or why none."""
+    if namespace is None:
+        return f"the module of its UNet class {cls.__name__} is not loaded"
+    for entry in ("forward", "_forward"):
+        method = getattr(cls, entry, None)
+        known = KNOWN_FORWARDS.get(reading.fingerprint(method, namespace) or "")
+        if known is None or known[0].entry != entry:
+            continue
+        variant = known[0]
+        if entry == "_forward" and not reading.reads_attribute(cls.forward, "_forward"):
+            return f"its UNet forward does not call {entry}"
+        needed = (*_NEEDED, *(("forward_timestep_embed",) if variant.via_embed else ()))
+        if not all(callable(getattr(namespace, name, None)) for name in needed):
+            return f"the UNet's module lacks one of {', '.join(needed)}"
+        return variant
+    return f"its UNet forward ({cls.__module__}.{cls.__name__}) is a version SEG does not know"
+
+
+def stock_forwards(host: str) -> tuple[dict[type, Variant], str]:
+    """The host's SD UNet class with the forward the fork reproduces, or no entry and why (imports the host;
+    call it in the WebUI)."""
     if host == "forge":
-        from backend.nn.unet import IntegratedUNet2DConditionModel
+        from backend.nn import unet as module
 
-        return {IntegratedUNet2DConditionModel.forward: FORGE}
-    from ldm_patched.ldm.modules.diffusionmodules.openaimodel import UNetModel
+        cls = module.IntegratedUNet2DConditionModel
+    else:
+        from ldm_patched.ldm.modules.diffusionmodules import openaimodel as module
 
-    return {UNetModel.forward: LEGACY}
+        cls = module.UNetModel
+    variant = read_forward(cls, module)
+    return ({}, variant) if isinstance(variant, str) else ({cls: variant}, "")
 
 
 @dataclass(frozen=True)
@@ -54,7 +116,7 @@ class ForkPlan:
 
     unet: nn.Module
     namespace: ModuleType  # the UNet's module: ``timestep_embedding`` and ``apply_control`` as the host has them
-    family: str
+    variant: Variant
     at: tuple[str, int]
     cond: slice
     host_rows: dict[str, Any]  # the bookkeeping ROW_KEYS and markers as the host's call has them (None: absent)
@@ -78,7 +140,7 @@ def _residual_rows(control: Any, rows: int) -> str | None:
 
 def plan_fork(
     unet: Any,
-    stock: Mapping[Callable[..., Any], str],
+    stock: Mapping[type, Variant],
     at: tuple[str, int],
     args: dict[str, Any],
     cond: slice,
@@ -86,20 +148,18 @@ def plan_fork(
 ) -> ForkPlan | str:
     """The fork for the wrapper call ``args`` (before its rows are enlarged), or why it cannot fork.
     ``markers``: transformer_options keys that mark rows of the bigger batch (absent before the fork)."""
-    forward = type(unet).forward
-    if forward not in stock:
-        return f"its UNet class {type(unet).__name__} is not Forge's"
-    if "forward" in vars(unet):
+    variant = stock.get(type(unet))
+    if variant is None:
+        return f"its UNet class {type(unet).__name__} is not the host's stock one"
+    if "forward" in vars(unet) or variant.entry in vars(unet):
         return "another extension wraps the UNet's forward"
     if unet._forward_hooks or unet._forward_pre_hooks:
         return "another extension hooks the UNet's forward"
     if getattr(unet, "predict_codebook_ids", False):
         return "the UNet predicts codebook ids"
-    family = stock[forward]
     namespace = sys.modules.get(type(unet).__module__)
-    needed = ("timestep_embedding", "apply_control", *(("forward_timestep_embed",) if family == LEGACY else ()))
-    if namespace is None or not all(hasattr(namespace, name) for name in needed):
-        return f"the UNet's module lacks one of {', '.join(needed)}"
+    if namespace is None:
+        return "the UNet's module is not loaded"
     c = args["c"]
     unknown = sorted(key for key in c if key not in _KNOWN_C)
     if unknown:
@@ -109,7 +169,7 @@ def plan_fork(
     options = c.get("transformer_options", {})
     host_rows = {key: options.get(key) for key in (*ROW_KEYS, *markers)}
     rows = args["input"].shape[0] + cond.stop - cond.start
-    return ForkPlan(unet, namespace, family, at, cond, host_rows, rows)
+    return ForkPlan(unet, namespace, variant, at, cond, host_rows, rows)
 
 
 @contextlib.contextmanager
@@ -119,16 +179,18 @@ def forked(plan: ForkPlan | None) -> Iterator[None]:
         yield
         return
 
+    entry = plan.variant.entry
+
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if x.shape[0] != plan.rows:  # another wrapper regrouped the batch: the stock forward, all rows
-            return type(plan.unet).forward(plan.unet, x, *args, **kwargs)
+            return getattr(type(plan.unet), entry)(plan.unet, x, *args, **kwargs)
         return forked_forward(plan, x, *args, **kwargs)
 
-    plan.unet.forward = forward
+    setattr(plan.unet, entry, forward)  # reForge's forward calls _forward through its wrapper executor
     try:
         yield
     finally:
-        vars(plan.unet).pop("forward", None)
+        vars(plan.unet).pop(entry, None)
 
 
 def _grow(value: torch.Tensor, cond: slice) -> torch.Tensor:
@@ -166,21 +228,23 @@ def forked_forward(
     _set_rows(options, plan.host_rows)
     # apply_control pops each list; popping copies leaves the caller's dict as it was, should the call be redone.
     control = None if control is None else {name: list(residuals) for name, residuals in control.items()}
-    extra = {}
-    if plan.family == LEGACY:  # ldm_patched's blocks also take the video arguments
+    variant = plan.variant
+    extra = None
+    if variant.via_embed:  # ldm_patched's blocks also take the video arguments
+        image_only = getattr(unet, "default_image_only_indicator", None) if variant.image_only_default else None
         extra = {
             "time_context": kwargs.get("time_context"),
             "num_video_frames": kwargs.get("num_video_frames", getattr(unet, "default_num_video_frames", None)),
-            "image_only_indicator": kwargs.get(
-                "image_only_indicator", getattr(unet, "default_image_only_indicator", None)
-            ),
+            "image_only_indicator": kwargs.get("image_only_indicator", image_only),
         }
 
     options["original_shape"] = list(x.shape)
     options["transformer_index"] = 0
     patches = options.get("patches", {})
-    block_modifiers = options.get("block_modifiers", [])
+    block_modifiers = options.get("block_modifiers", []) if variant.block_modifiers else []
     emb = unet.time_embed(ns.timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype))
+    for patch in patches.get("emb_patch", []) if variant.emb_patch else []:
+        emb = patch(emb, unet.model_channels, options)
     if unet.num_classes is not None:
         emb = emb + unet.label_emb(y)
     h = x
@@ -229,7 +293,9 @@ def forked_forward(
     options["block"] = ("last", 0)
     for modifier in block_modifiers:
         h = modifier(h, "before", options)
-    if plan.family == FORGE and "group_norm_wrapper" in options:
+    if variant.cast_before_out:
+        h = h.type(x.dtype)
+    if variant.group_norm_wrapper and "group_norm_wrapper" in options:
         h = options["group_norm_wrapper"](unet.out[0], h, options)
         h = unet.out[1:](h)
     else:
@@ -246,7 +312,7 @@ def _run(
     context: torch.Tensor | None,
     options: dict[str, Any],
     output_shape: Any,
-    extra: dict[str, Any],
+    extra: dict[str, Any] | None,
     block_modifiers: list[Any],
     control: Any,
     ns: ModuleType,
@@ -255,7 +321,7 @@ def _run(
     """One block as the host runs it: block modifiers before, the block, its control residual, modifiers after."""
     for modifier in block_modifiers:
         h = modifier(h, "before", options)
-    if extra:  # ldm_patched runs each block through forward_timestep_embed, not the module's __call__
+    if extra is not None:  # ldm_patched runs each block through forward_timestep_embed, not the module's __call__
         h = ns.forward_timestep_embed(module, h, emb, context, options, output_shape, **extra)
     else:
         h = module(h, emb, context, options, output_shape)

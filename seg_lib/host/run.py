@@ -9,11 +9,12 @@ import torch
 
 from seg_lib.core.blocks import LayerRef, resolve_layers
 from seg_lib.core.blur import smooth_queries
-from seg_lib.core.params import BY_INFOTEXT, SegParams, for_pass
+from seg_lib.core.params import BY_INFOTEXT, HIRES, HIRES_OVERRIDES, SegParams, for_pass, to_infotext
 from seg_lib.host.unet_layout import is_stock_unet, read_layout
 from seg_lib.log import log
 
 RUN_ATTRIBUTE = "seg_run"  # a generation's run lives on its processing object, never on the Script
+_HIRES_KEYS = {param.infotext for param in (HIRES, *HIRES_OVERRIDES)}
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Run:
     ran_on_cpu: bool = False  # SEG's rows lived on the C heap: the generation ends by giving it back (memory.py)
     _said: set[str] = field(default_factory=set)
     generation: SegParams | None = None
+    _guided: set[str] = field(default_factory=set)  # the passes of this batch in which a step got its SEG term
+    why_unguided: str = "no step reached SEG's guidance"  # the last reason a step got no SEG term
 
     def __post_init__(self) -> None:
         if self.generation is None:
@@ -39,6 +42,38 @@ class Run:
             return False
         self.params = params
         return True
+
+    def begin_batch(self) -> None:
+        """A batch begins (``process_batch``): its images claim SEG only once one of its steps was guided."""
+        self._guided.clear()
+        for key in BY_INFOTEXT:
+            self.p.extra_generation_params.pop(key, None)
+
+    def note_guided(self) -> None:
+        """A step got its SEG term: from now on this batch's images claim SEG in their infotext. Until the
+        hires pass has had one too, a generation with hires fix says SEG was off there."""
+        hires_pass = is_hires_pass(self.p)
+        pass_name = "hires" if hires_pass else "first"
+        if self.failed or pass_name in self._guided:
+            return
+        self._guided.add(pass_name)
+        hires_fix = bool(getattr(self.p, "enable_hr", False))
+        claims = to_infotext(self.generation, hires_fix=hires_fix)
+        if hires_fix and "hires" not in self._guided:
+            claims = {key: value for key, value in claims.items() if key not in _HIRES_KEYS}
+            claims[HIRES.infotext] = "off"
+        for key in BY_INFOTEXT:
+            self.p.extra_generation_params.pop(key, None)
+        self.p.extra_generation_params.update(claims)
+
+    def end_batch(self) -> None:
+        """A batch's images are made (``postprocess_batch``): say why they carry no SEG keys, if they do not."""
+        if not self.failed and not self._guided:
+            self.say_once("unguided", f"no step was guided ({self.why_unguided}); the images do not claim SEG")
+
+    def declined(self, why: str) -> None:
+        """A step (or a layer of it) got no SEG term: keep the reason for the batch's closing line."""
+        self.why_unguided = why
 
     def on_denoiser(self, params: Any) -> None:
         """Called from ``on_cfg_denoiser`` at every step of this generation."""
@@ -73,6 +108,7 @@ class Run:
                     f"{grid[0]}x{grid[1]} grid it works on{f' ({why})' if why else ''}; SEG goes on where it can"
                 )
             self.say_once(f"skip:{ref.part}{ref.index}", reason)
+            self.declined(f"the selected layers were skipped: {reason}")
             return None
         self.ran_on_cpu = self.ran_on_cpu or q.device.type == "cpu"
         return smooth_queries(q, grid[0], grid[1], self.params.blur_sigma)

@@ -65,9 +65,26 @@ def _registrations() -> dict[str, Any]:
     }
 
 
+def _host() -> dict[str, Any]:
+    """What SEG read from the running host (``seg_lib/host/forge_host.py``): its conventions, the fork's variant."""
+    try:
+        from seg_lib.host import HOST
+    except ImportError:  # the control run: SEG is not installed
+        return {"host": None}
+    found: dict[str, Any] = {"host": HOST}
+    if HOST in ("forge", "forge-legacy"):
+        from seg_lib.host.forge_host import ForgeHost
+
+        host = ForgeHost.load(HOST)
+        found["conventions"] = {**vars(host.conventions), "batch": repr(host.conventions.batch)}
+        found["forward"] = [variant.name for variant in (host.unet_forwards or {}).values()] or host.not_forked
+    return found
+
+
 def _on_app_started(_demo: Any, app: Any) -> None:
     _apps[:] = [app]
     app.add_api_route("/seg-probe/registrations", _registrations, methods=["GET"])
+    app.add_api_route("/seg-probe/host", _host, methods=["GET"])
 
 
 script_callbacks.on_app_started(_on_app_started)
