@@ -65,7 +65,8 @@ def register_axes() -> bool:
             continue
         # Text for the values XYZ cannot read as numbers ("inf", block lists, True/False, modes).
         kind = float if param.numeric else str
-        choices = xyz.boolean_choice(reverse=True) if param is ENABLED else None
+        # Our own lists: Forge Classic's xyz_grid no longer exports the host's boolean_choice helper.
+        choices = functools.partial(list, ("False", "True")) if param is ENABLED else None
         if param.choices:
             choices = functools.partial(list, param.choices)
         xyz.axis_options.append(xyz.AxisOption(label, kind, _apply(param), confirm=_confirm(param), choices=choices))

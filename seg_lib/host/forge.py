@@ -57,6 +57,18 @@ __all__ = ["ALL_ROWS", "SMOOTH_ROWS", "ForgeHost", "ForgeRun", "with_attn1_patch
 # a cond that may skip the call): the same-call path leaves those steps alone.
 _NOT_SIMPLE = ("area", "mask", "timestep_start", "timestep_end")
 _WRAPPER_MISSED = "the UNet call did not go through SEG's wrapper"
+_COMPILED = (
+    "SEG is off for this generation: the UNet runs compiled (torch.compile, e.g. Forge Neo's Compile), and a "
+    "compiled graph may be reused without SEG's patches, or with them for the wrong call; turn Compile off for SEG"
+)
+
+
+def compiled(model: Any) -> bool:
+    """Whether the host's model runs through torch.compile: Forge Neo's Compile extension keeps the original
+    ``apply_model`` as ``_orig_apply_model`` and puts a ``functools.wraps`` wrapper in its place."""
+    apply_model = getattr(model, "apply_model", None)
+    replaced = hasattr(apply_model, "__wrapped__") and not hasattr(apply_model, "__self__")  # not a method
+    return getattr(model, "_orig_apply_model", None) is not None or replaced
 
 
 @dataclass
@@ -104,6 +116,9 @@ class ForgeRun(Run):
         refs = self.selected_layers(getattr(objects.unet.model, "diffusion_model", None))
         if refs is None:
             return
+        if compiled(objects.unet.model):
+            self.give_up(_COMPILED)
+            return
         conventions = self.host.conventions
         if conventions.grid is None:
             self.give_up(
@@ -142,7 +157,7 @@ class ForgeRun(Run):
             # copied with its run (and p), leaving the copy armed instead of us.
             @owned
             def pre_cfg(model: Any, cond: Any, uncond: Any, x: Any, timestep: Any, model_options: Any) -> tuple:
-                self.begin_call(cond, x, model_options)
+                self.begin_call(model, cond, x, model_options)
                 return model, cond, uncond, x, timestep, model_options
 
             add_pre_cfg_first(unet, pre_cfg)
@@ -153,7 +168,8 @@ class ForgeRun(Run):
             @owned
             def calc_cond_batch(args: dict[str, Any]) -> Any:
                 conds = args["conds"]
-                self.begin_call(conds[0], args["input"], args["model_options"], other_batching=previous is not None)
+                other = previous is not None
+                self.begin_call(args["model"], conds[0], args["input"], args["model_options"], other_batching=other)
                 if previous is not None:
                     return previous(args)
                 return self.host.calc_cond_batch(
@@ -165,11 +181,14 @@ class ForgeRun(Run):
     def _seg_step(self) -> bool:
         return not self.failed and in_step_window(self.step, self.total_steps, self.params.start, self.params.end)
 
-    def begin_call(self, cond: Any, x: Any, model_options: Any, other_batching: bool = False) -> None:
+    def begin_call(self, model: Any, cond: Any, x: Any, model_options: Any, other_batching: bool = False) -> None:
         """A sampling call begins: is it the step's own, and may the host's UNet call carry the smoothed rows?"""
         self.armed, self.cond_seg, self.nothing_smoothed = False, None, False
         self.step_call = self._is_step_x(x)
         if not (self.step_call and self._seg_step()):
+            return
+        if compiled(model):
+            self.give_up(_COMPILED)
             return
         if not self.host.fast_path() or self.host.conventions.arming is None:
             return

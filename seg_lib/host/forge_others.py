@@ -41,6 +41,12 @@ HOST_KEYS = frozenset(
         "patches_replace",
         "block_modifiers",
         "block_inner_modifiers",
+        "uuids",  # reForge: one id per chunk of the call
+        "activations_shape",  # reForge: the input shape of the SpatialTransformer running
+        "attn_precision",  # reForge: the attention's precision, per layer
+        "sampling_sigmas",  # Forge Neo: the sampler's whole schedule, written before sampling
+        "wrappers",  # reForge's wrapper and callback registries: checked below, entry by entry
+        "callbacks",
     }
 )
 
@@ -87,6 +93,11 @@ def same_call_blockers(model_options: Mapping[str, Any], own_keys: Iterable[str]
     unknown = sorted(key for key in to if key not in known and not is_owned(to[key]))
     if unknown:
         reasons.append(f"transformer options SEG does not know: {', '.join(map(str, unknown))}")
+    for registry in ("wrappers", "callbacks"):  # reForge: {kind: {key: [functions]}}
+        for kind, entries in sorted((to.get(registry) or {}).items()):
+            functions = [f for group in (entries or {}).values() for f in (group or [])]
+            if others := _foreign(functions):
+                reasons.append(f"another extension's {kind} {registry[:-1]} ({_name(others[0])})")
     wrapper = model_options.get("model_function_wrapper")
     while is_owned(wrapper):  # SEG's wrapper chains the one that was there before it
         wrapper = getattr(wrapper, "seg_previous", lambda: None)()
