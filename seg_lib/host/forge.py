@@ -85,6 +85,7 @@ class ForgeRun(Run):
     same_call_failed: bool = False  # the bigger call raised once: the separate call for the rest of the generation
     step_params: Any = None  # this step's CFGDenoiserParams: its ``x`` is what the step's real call gets
     step_call: bool | None = None  # whether the sampling call under way is the step's own (None: no hook saw it)
+    call_x: Any = None  # the latents of the host's UNet call, where they differ from the post-CFG function's
     nothing_smoothed: bool = False  # the same call ran, but no selected layer could be smoothed this step
     fork_at: tuple[str, int] = ("input", 0)  # the first selected block: where the same call forks the branch
     fork_note: str = ""  # this step's same call: where it forked, or why not (for the console)
@@ -170,6 +171,9 @@ class ForgeRun(Run):
                 conds = args["conds"]
                 other = previous is not None
                 self.begin_call(args["model"], conds[0], args["input"], args["model_options"], other_batching=other)
+                # reForge calls pre-CFG functions after the UNet call, and one may replace the latents the
+                # post-CFG function gets (ControlNet's inpaint does): the separate call must see the call's.
+                self.call_x = args["input"]
                 if previous is not None:
                     return previous(args)
                 return self.host.calc_cond_batch(
@@ -215,6 +219,8 @@ class ForgeRun(Run):
                 self.declined("the sampling calls SEG saw were other extensions' nested calls")
                 return result  # a nested call of another extension: nothing of this step's is consumed
             cond_seg, self.cond_seg, self.armed = self.cond_seg, None, False
+            x = args["input"] if self.call_x is None else self.call_x
+            self.call_x = None
             nothing_smoothed, self.nothing_smoothed = self.nothing_smoothed, False
             if not self._seg_step() or nothing_smoothed:
                 return result
@@ -228,7 +234,7 @@ class ForgeRun(Run):
                     counts.update(smoothed=0, misplaced=0)
                     options = with_attn1_patches(args["model_options"], patches)
                     cond_seg, _ = self.host.calc_cond_uncond_batch(
-                        args["model"], args["cond"], None, args["input"], args["sigma"], options
+                        args["model"], args["cond"], None, x, args["sigma"], options
                     )
                     if counts["smoothed"] == 0:
                         return result  # no layer could be smoothed on this step (said per layer): no SEG term

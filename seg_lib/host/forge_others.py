@@ -52,10 +52,10 @@ HOST_KEYS = frozenset(
 
 
 def _row_wise_replace(function: object) -> bool:
-    """Replace patches known to be row-wise: Forge's SAG records the uncond chunk's middle-block attention
-    by ``cond_or_uncond``, which the same-call path extends, and computes its own pass after CFG."""
+    """Replace patches known to be row-wise: Forge's (and reForge's) SAG records the uncond chunk's middle-block
+    attention by ``cond_or_uncond``, which the same-call path extends, and computes its own pass after CFG."""
     name = getattr(function, "__qualname__", "") or ""
-    return _module(function) == "forge_sag" and name.endswith("attn_and_record")
+    return _module(function) in ("forge_sag", "nodes_sag") and name.endswith("attn_and_record")  # Forge, reForge
 
 
 def _module(function: object) -> str:

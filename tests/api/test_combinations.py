@@ -66,10 +66,13 @@ class Host:
 
     def script(self, title: str, img2img: bool = False, on: bool = False, **by_label: Any) -> dict[str, Any]:
         """``alwayson_scripts`` entry with the script's own defaults, some set by UI label (``on``: the first
-        one, the checkbox of an InputAccordion); skips the test when the WebUI has no such script."""
-        script = self.scripts.get((title.lower(), img2img))
-        if script is None:
+        one, the checkbox of an InputAccordion); skips the test when the WebUI has no such script. ``title``
+        may name several spellings, ``|``-separated (the forks renamed some built-ins)."""
+        found = [name for name in title.split("|") if (name.lower(), img2img) in self.scripts]
+        if not found:
             pytest.skip(f"this WebUI has no '{title}' script")
+        title = found[0]
+        script = self.scripts[(title.lower(), img2img)]
         args = [arg["value"] for arg in script["args"]]
         if on:
             args[0] = True
@@ -201,11 +204,11 @@ COMBINATIONS: dict[str, Build] = {
     "adetailer": with_adetailer,
     "forge_ip_adapter": lambda h: (TXT, {}, h.ip_adapter()),
     # Forge built-ins (skipped on A1111)
-    "forge_freeu": lambda h: (TXT, {}, h.script("FreeU Integrated (SD 1.x, SD 2.x, SDXL)", on=True)),
+    "forge_freeu": lambda h: (TXT, {}, h.script("FreeU Integrated (SD 1.x, SD 2.x, SDXL)|FreeU Integrated", on=True)),
     "forge_sag": lambda h: (
         TXT,
         {},
-        h.script("SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)", on=True),
+        h.script("SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)|SelfAttentionGuidance Integrated", on=True),
     ),
     "forge_pag": lambda h: (TXT, {}, h.script("PerturbedAttentionGuidance Integrated", on=True)),
     "forge_dynamic_thresholding": lambda h: (
@@ -224,8 +227,19 @@ COMBINATIONS: dict[str, Build] = {
         {"batch_size": 2},
         h.script("StyleAlign Integrated", share_attention_in_batch=True),
     ),
-    "forge_latent_modifier": lambda h: (TXT, {}, h.script("LatentModifier Integrated", enabled=True)),
+    "forge_latent_modifier": lambda h: (TXT, {}, h.script("LatentModifier Integrated", on=True)),
     "forge_never_oom": lambda h: (TXT, {}, h.script("Never OOM Integrated", on=True)),
+    "forge_hypertile": lambda h: (TXT, {}, h.script("Hypertile Integrated", enabled=True, tile_size=64)),
+    "controlnet_inpaint_only": lambda h: (
+        "img2img",
+        {"init_images": [image_b64(3)], "mask": image_b64(0, mask=True), "denoising_strength": 0.75},
+        h.controlnet(unit("inpaint_only", h.controlnet_model(), image=image_b64(3), mask_image=image_b64(0, True))),
+    ),
+    # reForge built-ins
+    "reforge_apg": lambda h: (TXT, {}, h.script('"APG\'s now your CFG" and guidance limiter for reForge', on=True)),
+    "reforge_rescalecfg": lambda h: (TXT, {}, h.script("RescaleCFG for reForge", on=True)),
+    "reforge_mahiro": lambda h: (TXT, {}, h.script("MaHiRo CFG for reForge", on=True)),
+    "reforge_advanced_model_sampling": lambda h: (TXT, {}, h.script("Advanced Model Sampling for reForge", on=True)),
 }
 
 
