@@ -63,6 +63,14 @@ class Host:
         self.is_forge = ("never oom integrated", False) in self.scripts  # a Forge built-in
         status, models = call("/controlnet/model_list")
         self.controlnet_models = models.get("model_list", []) if status == 200 else None
+        status, options = call("/sdapi/v1/options")
+        self.options = set(options) if status == 200 else set()
+
+    def setting(self, name: str, value: Any) -> dict[str, Any]:
+        """``override_settings`` with a host setting; skips the test when the WebUI has no such setting."""
+        if name not in self.options:
+            pytest.skip(f"this WebUI has no setting '{name}'")
+        return {name: value}
 
     def script(self, title: str, img2img: bool = False, on: bool = False, **by_label: Any) -> dict[str, Any]:
         """``alwayson_scripts`` entry with the script's own defaults, some set by UI label (``on``: the first
@@ -181,7 +189,7 @@ COMBINATIONS: dict[str, Build] = {
     "ngms": lambda h: (TXT, {"override_settings": {"s_min_uncond": 10.0}}, {}),
     "batch_cond_uncond_off": lambda h: (
         TXT,
-        {"prompt": "a fox AND a cat", "override_settings": {"batch_cond_uncond": False}},
+        {"prompt": "a fox AND a cat", "override_settings": h.setting("batch_cond_uncond", False)},
         {},
     ),
     # A1111 third-party extensions (skipped when not installed)
@@ -240,6 +248,8 @@ COMBINATIONS: dict[str, Build] = {
     "reforge_rescalecfg": lambda h: (TXT, {}, h.script("RescaleCFG for reForge", on=True)),
     "reforge_mahiro": lambda h: (TXT, {}, h.script("MaHiRo CFG for reForge", on=True)),
     "reforge_advanced_model_sampling": lambda h: (TXT, {}, h.script("Advanced Model Sampling for reForge", on=True)),
+    # Forge Classic built-ins
+    "classic_rescalecfg": lambda h: (TXT, {}, h.script("RescaleCFG", rescale_cfg=0.7)),
 }
 
 

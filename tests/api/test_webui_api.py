@@ -409,3 +409,28 @@ def test_pasted_incantations_infotext_enables_the_equivalent_settings(with_exten
     explicit = generate(seg=[True, 3.0, "8.0", "m0", start, 1.0])
     assert pixels(pasted["images"][0]) == pixels(explicit["images"][0])
     assert "SEG Sigma: 8.0" in pasted["info"]
+
+
+@pytest.mark.usefixtures("with_extension")
+def test_xyz_axis_over_blur_sigma():
+    """A 2x1 XYZ grid over "[SEG] Blur sigma": both cells run with SEG, each infotext with its own sigma.
+    Needs the test-only probe extension (tests/api/seg_probe) for the axis' index in the X type dropdown."""
+    status, labels = call("/seg-probe/xyz-labels")
+    if status != 200 or not labels:
+        pytest.skip("no probe extension (tests/api/seg_probe) or no XYZ script")
+    if "[SEG] Blur sigma" not in labels:
+        pytest.skip("this API-only WebUI built the XYZ axis list before before_ui callbacks ran (start it with its UI)")
+    status, info = call("/sdapi/v1/script-info")
+    assert status == 200
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    args = [arg["value"] for arg in xyz["args"]]
+    names = [arg["label"] for arg in xyz["args"]]
+    for axis in ("X type", "Y type", "Z type"):  # index dropdowns: script-info gives their labels
+        args[names.index(axis)] = labels.index(args[names.index(axis)])
+    args[names.index("X type")] = labels.index("[SEG] Blur sigma")
+    args[names.index("X values")] = "2, inf"
+    body = generate(script_name="x/y/z plot", script_args=args)
+    sigmas = [
+        text.split("SEG Sigma: ")[1].split(",")[0] for text in body["parsed_info"]["infotexts"] if "SEG Sigma" in text
+    ]
+    assert sorted(set(sigmas)) == ["2.0", "inf"], body["parsed_info"]["infotexts"]

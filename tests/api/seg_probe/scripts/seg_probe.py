@@ -44,6 +44,16 @@ def _xyz_axes() -> dict[str, int]:
     return {}
 
 
+def _xyz_labels(img2img: bool = False) -> list[str]:
+    """The labels the XYZ script's "X type" index points into on a tab: the list its ``ui()`` kept (an
+    API-only WebUI may build it before the extensions' ``before_ui`` callbacks add their axes)."""
+    runner = scripts.scripts_img2img if img2img else scripts.scripts_txt2img
+    for script in getattr(runner, "scripts", []):
+        if type(script).__module__ == "xyz_grid.py" and hasattr(script, "current_axis_options"):
+            return [option.label for option in script.current_axis_options]
+    return []
+
+
 def _seg_scripts() -> dict[str, int]:
     runners = {"txt2img": scripts.scripts_txt2img, "img2img": scripts.scripts_img2img}
     return {
@@ -85,6 +95,7 @@ def _on_app_started(_demo: Any, app: Any) -> None:
     _apps[:] = [app]
     app.add_api_route("/seg-probe/registrations", _registrations, methods=["GET"])
     app.add_api_route("/seg-probe/host", _host, methods=["GET"])
+    app.add_api_route("/seg-probe/xyz-labels", _xyz_labels, methods=["GET"])
 
 
 script_callbacks.on_app_started(_on_app_started)
