@@ -265,7 +265,7 @@ class ForgeRun(Run):
                 counts["misplaced"] += 1  # a wrapper regrouped the batch: the marked rows are not these
             elif rows is not None:
                 grid = layer_grid(extra_options, source)
-                smoothed = self.smoothed(ref, q[rows], grid, regrouping_hint(extra_options))
+                smoothed = self.smoothed(ref, q[rows], grid, regrouping_hint(q, k))
                 if smoothed is not None and inner is None and is_infinite(self.params.blur_sigma):
                     counts["smoothed"] += 1  # one mean query per row: attention for one query, broadcast
                     heads = extra_options["n_heads"]

@@ -79,9 +79,8 @@ def add_pre_cfg_first(unet: Any, function: Any) -> None:
     options["sampler_pre_cfg_function"] = [function, *options.get("sampler_pre_cfg_function", [])]
 
 
-def regrouping_hint(extra_options: dict[str, Any]) -> str:
-    """What likely split or merged a layer's tokens, from the patches in the call (for the console line)."""
-    patches = extra_options.get("patches") or {}
-    if "attn1_patch" in patches:
-        return "token merging?"
-    return ""
+def regrouping_hint(q: Any, k: Any) -> str:
+    """What likely merged a layer's tokens, from the attention the patch is given (for the console line).
+    The hosts leave ``patches`` out of a patch's extra options, so the ``attn1_patch`` is not to be seen;
+    but token merging (tomesd's ``attn1_patch``) merges the queries' tokens and leaves the keys' whole."""
+    return "token merging?" if q.shape[1] < k.shape[1] else ""
