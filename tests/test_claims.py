@@ -241,7 +241,7 @@ def test_no_batching_test_never_enlarges_the_call(batch, capsys):
     out = capsys.readouterr().out
     if batch is None:
         assert rig.model.calls == [2, 1] * 2
-        assert out.count(f"{SEPARATE} (not enough free memory for the bigger batch)") == 1
+        assert out.count(f"{SEPARATE} (this WebUI batches its conds by a test SEG does not know)") == 1
     else:
         assert rig.model.calls == [3] * 2  # the host's free memory is infinite: the same call is enlarged
     assert_claims(rig.p, out, params)

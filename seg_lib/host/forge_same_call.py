@@ -134,6 +134,9 @@ def enlarge(
     cond_shapes = {
         key: [torch.Size((size, *value.shape[1:]))] * chunks for key, value in c.items() if is_batch(value, rows)
     }
+    if run.host.conventions.batch is None:
+        run.why_separate = "this WebUI batches its conds by a test SEG does not know"
+        return None
     if not run.host.fits(getattr(apply_model, "__self__", None), (rows + size, *x.shape[1:]), x.device, cond_shapes):
         run.why_separate = "not enough free memory for the bigger batch"
         return None

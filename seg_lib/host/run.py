@@ -46,6 +46,8 @@ class Run:
     def begin_batch(self) -> None:
         """A batch begins (``process_batch``): its images claim SEG only once one of its steps was guided."""
         self._guided.clear()
+        self._said.discard("unguided")  # each batch that claims nothing says why
+        self.why_unguided = Run.why_unguided
         for key in BY_INFOTEXT:
             self.p.extra_generation_params.pop(key, None)
 
