@@ -282,15 +282,14 @@ def _channel_values(image_b64: str) -> list[int]:
     return list(pixels(image_b64))
 
 
-@pytest.mark.parametrize("layers", ["d0,u2", "u1"])
-def test_fast_path_makes_the_image_of_the_separate_pass(with_extension: None, layers: str) -> None:
+def _fast_equals_separate(layers: str, checkpoint: str | None, batch: int = 2, sigma: str = "2") -> None:
     """The fast path (A1111: forked in the host's call; Forge: same batch) against the separate extra pass, at
     a scale where SEG visibly moves the pixels: the two may differ only by float rounding."""
-    seg = [True, 30.0, "2", layers, 0.0, 1.0]
-    fields = {"batch_size": 2, "override_settings_restore_afterwards": True}
+    seg = [True, 30.0, sigma, layers, 0.0, 1.0]
+    fields = {"batch_size": batch, "override_settings_restore_afterwards": True}
 
     def run(args: list[Any], fast: bool) -> list[list[int]]:
-        settings = {"seg_fast_path": fast, **({"sd_model_checkpoint": SD15} if SD15 else {})}
+        settings = {"seg_fast_path": fast, **({"sd_model_checkpoint": checkpoint} if checkpoint else {})}
         body = generate(seg=args, override_settings=settings, **fields)
         return [_channel_values(image) for image in body["images"]]
 
@@ -301,6 +300,20 @@ def test_fast_path_makes_the_image_of_the_separate_pass(with_extension: None, la
         assert max(rounding) <= 2
         assert sum(rounding) / len(rounding) < 0.01
         assert sum(moved) / len(moved) > 0.2  # SEG really changed the image, so the match means something
+
+
+@pytest.mark.parametrize("layers", ["d0,u2", "u1"])
+def test_fast_path_makes_the_image_of_the_separate_pass(with_extension: None, layers: str) -> None:
+    _fast_equals_separate(layers, SD15)
+
+
+@pytest.mark.parametrize(
+    ("layers", "sigma"), [("u3,u4", "inf"), ("d2,u1", "2")]
+)  # (4x4 m0, u0-u2 at 128 px barely move)
+def test_sdxl_fast_path_makes_the_image_of_the_separate_pass(with_extension: None, layers: str, sigma: str) -> None:
+    if not SDXL:
+        pytest.skip("set SEG_SDXL_CHECKPOINT")
+    _fast_equals_separate(layers, SDXL, batch=1, sigma=sigma)
 
 
 # -- rescale and hires fix control (issue 11) ----------------------------------------------------------------
