@@ -446,6 +446,7 @@ def test_xyz_axis_over_blur_sigma():
         args[names.index(axis)] = labels.index(args[names.index(axis)])
     args[names.index("X type")] = labels.index("[SEG] Blur sigma")
     args[names.index("X values")] = "2, inf"
+    args[names.index("Include Sub Images")] = True  # each cell's image and infotext, not the grid's alone
     body = generate(script_name="x/y/z plot", script_args=args)
     sigmas = [
         text.split("SEG Sigma: ")[1].split(",")[0] for text in body["parsed_info"]["infotexts"] if "SEG Sigma" in text
