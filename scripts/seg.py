@@ -30,10 +30,22 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool) -> list[Any]:
-        controls = ui.build_controls(self.elem_id)
-        self.infotext_fields = ui.infotext_fields(controls)
+        accordion = ui.build_controls(self.elem_id)
+        self._hires_link().built(accordion)
+        self.infotext_fields = ui.infotext_fields(accordion.controls)
         self.paste_field_names = ui.PASTE_FIELD_NAMES
-        return controls
+        return accordion.controls
+
+    def after_component(self, component: Any, **kwargs: Any) -> None:
+        # The tab's Hires fix checkbox, which shows or hides the SEG hires controls.
+        self._hires_link().saw(component)
+
+    def _hires_link(self) -> ui.HiresLink:
+        # Per tab (each tab has its own Script instance); created on first use, so that a bare instance holds nothing.
+        link = self.__dict__.get("hires_link")
+        if link is None:
+            link = self.hires_link = ui.HiresLink()
+        return link
 
     def process(self, p: Any, *args: Any) -> None:
         ADAPTER.start(p, params_for_generation(p, args))

@@ -35,5 +35,26 @@ def params_for_generation(p: Any, args: Sequence[Any]) -> SegParams:
             params = params_from_args({**named, **cell})
     except ValueError as error:
         log(f"SEG is off for this generation: {error}")
+        if _asked_for(args):
+            _tell_the_person(p, f"SEG was off for this image: {error}")
         return SegParams()
     return params
+
+
+def _asked_for(args: Sequence[Any]) -> bool:
+    """Whether the arguments turn SEG on (a bad value in settings that were off anyway is no news)."""
+    if not args:
+        return False
+    first = args[0]
+    if isinstance(first, Mapping):
+        first = first.get("enabled", False)
+    if isinstance(first, str):
+        return first.strip().lower() in {"true", "1", "yes", "on"}
+    return first is True or first == 1
+
+
+def _tell_the_person(p: Any, text: str) -> None:
+    """A comment under the image in the UI (the hosts' ``p.comment``), besides the console line."""
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(text)

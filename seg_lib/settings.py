@@ -10,8 +10,8 @@ from seg_lib.ui import TITLE
 FAST_PATH = "seg_fast_path"
 SECTION = ("seg", TITLE)
 FAST_PATH_LABEL = (
-    "Fast SEG: compute the smoothed branch inside the host's own UNet call (A1111: forked from the "
-    "conditional branch at the first SEG layer; Forge: in the same batch). Off: a separate extra UNet call."
+    "Fast SEG: compute SEG's extra prediction inside the WebUI's own UNet call (faster, the same guidance). "
+    "Off: a separate extra UNet call on every step (slower; for comparing or troubleshooting)."
 )
 
 
