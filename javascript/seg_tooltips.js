@@ -71,8 +71,9 @@
             if (header) {
                 if (header.title !== tip) header.title = tip;
                 keyboardHeader(header);
+            } else {
+                rangeNote(element); // not on the accordion: its first number box is the scale slider's
             }
-            rangeNote(element);
         });
     }
 

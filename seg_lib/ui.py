@@ -56,7 +56,7 @@ def _sigma(gr: Any, param: Param, elem_id: str, visible: bool = True) -> Any:
         choices=SIGMA_CHOICES,
         value=param.format(param.default),
         allow_custom_value=True,
-        label=f"{param.label} (inf = mean query)",
+        label=f"{param.label} (inf = full blur)",
         elem_id=elem_id,
         elem_classes=[CSS_CLASS],
     )
@@ -153,11 +153,13 @@ def build_controls(elem_id: Callable[[str], str]) -> Accordion:
             rescale = _slider(gr, RESCALE, elem_id(RESCALE.name), 0.01)
             rescale_mode = _choice(gr, RESCALE_MODE, elem_id(RESCALE_MODE.name), visible=False)
         # Shown only with the tab's own Hires fix on (see HiresLink); the hires CFG scale is the WebUI's own.
-        with gr.Row(visible=False, elem_id=elem_id("hires_row")) as hires_row:
-            hires = _choice(gr, HIRES, elem_id(HIRES.name))
-            hires_scale = _slider(gr, HIRES_SCALE, elem_id(HIRES_SCALE.name), 0.1, visible=False)
-            hires_blur_sigma = _sigma(gr, HIRES_BLUR_SIGMA, elem_id(HIRES_BLUR_SIGMA.name), visible=False)
-            hires_layers = _layers(gr, HIRES_LAYERS, elem_id(HIRES_LAYERS.name), visible=False)
+        with gr.Column(visible=False, elem_id=elem_id("hires_row")) as hires_row:
+            with gr.Row():  # two per row: four in one wrap unevenly in a narrow column
+                hires = _choice(gr, HIRES, elem_id(HIRES.name))
+                hires_scale = _slider(gr, HIRES_SCALE, elem_id(HIRES_SCALE.name), 0.1, visible=False)
+            with gr.Row():
+                hires_blur_sigma = _sigma(gr, HIRES_BLUR_SIGMA, elem_id(HIRES_BLUR_SIGMA.name), visible=False)
+                hires_layers = _layers(gr, HIRES_LAYERS, elem_id(HIRES_LAYERS.name), visible=False)
         message = gr.HTML("", visible=False, elem_id=elem_id("message"), elem_classes=["seg-message"])
         # Tooltips for javascript/seg_tooltips.js, from the table (one source of truth).
         tips = {elem_id(param.name): param.help for param in PARAMS}

@@ -26,7 +26,7 @@ def _factory(kind: str):
 
 def test_controls_follow_the_table(monkeypatch):
     gr = ModuleType("gradio")
-    for kind in ("Slider", "Dropdown", "Textbox", "Row", "HTML"):
+    for kind in ("Slider", "Dropdown", "Textbox", "Row", "Column", "HTML"):
         setattr(gr, kind, _factory(kind))
     gr.update = lambda **kwargs: kwargs
     components = ModuleType("modules.ui_components")

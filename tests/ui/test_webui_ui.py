@@ -223,10 +223,8 @@ def test_img2img_with_seg(webui: WebUI, size: int, steps: int):
 
 def test_inpaint_with_drawn_mask(webui: WebUI, size: int, steps: int):
     ui = webui
-    ui.tab("img2img")
-    ui.sub_tab("#mode_img2img", "Inpaint")
-    ui.upload_image("inpaint", _init_png(size))
-    ui.draw_mask()
+    canvas = ui.open_inpaint(_init_png(size))
+    ui.draw_mask(canvas)
     ui.small_image(IMG, size, steps)
     ui.enable_seg(IMG)
     _set_seg(ui, IMG, scale=3, sigma="inf", layers="u0")

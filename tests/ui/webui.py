@@ -109,26 +109,40 @@ class WebUI:
             timeout=60_000,
         )
 
+    # The tab buttons of one tab group, not of the groups inside it: gradio 3 puts them in ``.tab-nav``,
+    # gradio 4.40 in a ``[role=tablist]`` (and may move those that do not fit into an overflow menu).
+    _TAB_BUTTON = """([groupSelector, name]) => {
+        const root = gradioApp();
+        const group = root.querySelector(groupSelector);
+        if (!group) return null;
+        const home = group.classList.contains('tabs') ? group : group.querySelector('.tabs') || group;
+        for (const button of group.querySelectorAll('button')) {
+            if (button.closest('.tabs') !== home) continue;
+            const inNav = button.parentElement.classList.contains('tab-nav') || button.getAttribute('role') === 'tab'
+                || !!button.closest('.overflow-dropdown');
+            if (inNav && button.textContent.trim().toLowerCase() === name.toLowerCase()) return button;
+        }
+        return null;
+    }"""
+
+    def _click_tab(self, group: str, name: str) -> None:
+        handle = self.page.evaluate_handle(self._TAB_BUTTON, [group, name]).as_element()
+        if handle is None:
+            self.shot(f"missing-tab-{name}")
+            raise NotFound(f"could not find the tab {name!r} in {group} (its .tab-nav or [role=tablist] buttons)")
+        if not handle.is_visible():  # in gradio 4's overflow menu: open it first
+            self.page.locator(f"{group} .overflow-menu button, {group} .overflow-item-selected").first.click()
+        handle.click()
+        self.page.wait_for_timeout(500)
+
     def tab(self, name: str) -> None:
-        """Switch to a top tab (txt2img, img2img, PNG Info, Settings) by its button text."""
-        buttons = self.page.locator("#tabs > .tab-nav button, #tabs .tab-nav > button")
-        count = buttons.count()
-        for index in range(count):
-            button = buttons.nth(index)
-            if button.inner_text().strip() == name:
-                button.click()
-                return
-        self.shot(f"missing-tab-{name}")
-        raise NotFound(f"could not find the top tab {name!r} (#tabs .tab-nav button)")
+        """Switch to a top tab (txt2img, img2img, PNG Info, Settings) by its button text (any case: ersatzForge
+        writes "Txt2img")."""
+        self._click_tab("#tabs", name)
 
     def sub_tab(self, container: str, name: str) -> None:
         """A tab inside a tab group (img2img's "img2img"/"Inpaint") by its button text."""
-        button = self.page.locator(f"{container} .tab-nav button", has_text=re.compile(rf"^\s*{re.escape(name)}\s*$"))
-        try:
-            button.first.click(timeout=WAIT_MS)
-        except Exception as error:
-            self.shot(f"missing-sub-tab-{name}")
-            raise NotFound(f"could not find the tab {name!r} in {container}") from error
+        self._click_tab(container, name)
 
     # -- the SEG accordion ---------------------------------------------------------------------------------
     def accordion_open(self, tab: str) -> bool:
@@ -226,12 +240,32 @@ class WebUI:
         file_input.set_input_files(str(path))
         self.page.wait_for_timeout(1500)
 
-    def draw_mask(self) -> None:
+    def open_inpaint(self, image: Path) -> str:
+        """img2img's inpaint mode with ``image`` in it; returns the id of the canvas to paint the mask on.
+        A1111, reForge, Classic and Forge have an "Inpaint" tab; ersatzForge paints on img2img's own canvas,
+        with its "inpaint" method chosen."""
+        self.tab("img2img")
+        has_tab = self.page.evaluate_handle(self._TAB_BUTTON, ["#mode_img2img", "Inpaint"]).as_element()
+        if has_tab is not None:
+            self.sub_tab("#mode_img2img", "Inpaint")
+            self.upload_image("inpaint", image)
+            return "img2maskimg"
+        self.sub_tab("#mode_img2img", "img2img")
+        self.upload_image("img2img", image)
+        method = self.page.locator("#img2img_img2img_tab").get_by_role("radio", name="inpaint", exact=True)
+        try:
+            method.check(timeout=WAIT_MS)
+        except Exception as error:
+            self.shot("missing-inpaint-method")
+            raise NotFound("no Inpaint tab and no 'inpaint' method under img2img's canvas") from error
+        return "img2img_image"
+
+    def draw_mask(self, element_id: str) -> None:
         """Drag the mouse across the middle of the inpaint image, as a person paints a mask."""
-        canvases = self.page.locator("#img2maskimg canvas")
+        canvases = self.page.locator(f"#{element_id} canvas")
         if not canvases.count():
             self.shot("missing-mask-canvas")
-            raise NotFound("could not find the inpaint canvas (#img2maskimg canvas)")
+            raise NotFound(f"could not find the inpaint canvas (#{element_id} canvas)")
         # the last canvas is the one on top, which takes the pointer (gradio 3's sketch, Forge's canvas)
         box = None
         for index in reversed(range(canvases.count())):
@@ -240,7 +274,7 @@ class WebUI:
                 box = candidate
                 break
         if box is None:
-            raise NotFound("the inpaint canvas has no size on the page (#img2maskimg canvas)")
+            raise NotFound(f"the inpaint canvas has no size on the page (#{element_id} canvas)")
         mouse = self.page.mouse
         x0, y0 = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
         for row in range(5):
