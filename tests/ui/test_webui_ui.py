@@ -333,7 +333,7 @@ def test_png_info_without_seg_turns_it_off(webui: WebUI):
 
 PAMPARAMM = (
     "a red fox\nSteps: 20, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, seg_enabled: True, seg_scale: 2.5, "
-    "seg_blur_sigma: -1, seg_block_list: \"d1,u2\", seg_rescale: 0.5, seg_rescale_mode: partial"
+    'seg_blur_sigma: -1, seg_block_list: "d1,u2", seg_rescale: 0.5, seg_rescale_mode: partial'
 )
 INCANTATIONS = (
     "a red fox\nSteps: 20, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, SEG Active: True, "
