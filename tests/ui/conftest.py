@@ -9,12 +9,14 @@ a temporary folder); ``SEG_CHROMIUM`` (default ``/usr/bin/chromium``); ``SEG_UI_
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,27 +67,36 @@ def gradio_major() -> int:
     return read(URL)
 
 
-@pytest.fixture(scope="session")
-def browser_context() -> Iterator[object]:
-    """One Chromium with a fresh profile for the session (nothing remembered from other runs)."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set SEG_CHROMIUM)")
+@contextlib.contextmanager
+def fresh_browser(width: int = 1400) -> Iterator[Any]:
+    """A headless Chromium context with a new, empty profile (nothing remembered from other runs), removed after."""
     from playwright.sync_api import sync_playwright
 
     profile = tempfile.mkdtemp(prefix="seg-ui-profile-")
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            profile,
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000},
-        )
-        try:
-            yield context
-        finally:
-            context.close()
-            shutil.rmtree(profile, ignore_errors=True)
+    try:
+        with sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                profile,
+                executable_path=CHROMIUM,
+                headless=True,
+                args=CHROMIUM_ARGS,
+                viewport={"width": width, "height": 1000},
+            )
+            try:
+                yield context
+            finally:
+                context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def browser_context() -> Iterator[object]:
+    """One Chromium with a fresh profile for the session."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set SEG_CHROMIUM)")
+    with fresh_browser() as context:
+        yield context
 
 
 @pytest.fixture

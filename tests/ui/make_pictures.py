@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.ui.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.ui.conftest import fresh_browser  # noqa: E402
 from tests.ui.webui import WebUI, gradio_major  # noqa: E402
 
 MAX_BYTES = 150_000
@@ -78,30 +77,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from playwright.sync_api import sync_playwright
-
     url = args.url.rstrip("/")
-    profile = tempfile.mkdtemp(prefix="seg-pictures-")
     shots = Path(tempfile.mkdtemp(prefix="seg-pictures-shots-"))
-    try:
-        with sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                profile,
-                executable_path=CHROMIUM,
-                headless=True,
-                args=CHROMIUM_ARGS,
-                viewport={"width": 1280, "height": 1000},
-            )
-            page = context.new_page()
-            ui = WebUI(page, url, shots, "pictures", gradio_major(url))
-            ui.open()
-            accordion(ui, args.out, args.name, args.size, args.steps)
-            if args.xyz:
-                ui.open()  # a fresh page: the accordion's settings stay out of the grid
-                xyz(ui, args.out, args.size, args.steps)
-            context.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with fresh_browser(width=1280) as context:
+        page = context.new_page()
+        ui = WebUI(page, url, shots, "pictures", gradio_major(url))
+        ui.open()
+        accordion(ui, args.out, args.name, args.size, args.steps)
+        if args.xyz:
+            ui.open()  # a fresh page: the accordion's settings stay out of the grid
+            xyz(ui, args.out, args.size, args.steps)
 
 
 if __name__ == "__main__":
