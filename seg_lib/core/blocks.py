@@ -11,6 +11,9 @@ Selector syntax (the one the Forge/ComfyUI SEG nodes use), comma-separated, case
 
 So on SD1.x ``d0`` is ``input_blocks[1]`` and ``u0`` is ``output_blocks[3]``; on SDXL ``d0`` is
 ``input_blocks[4]`` and ``m0`` is all 10 transformers of the middle block.
+
+DiT models are plain stacks of blocks, named by their kind and index in the model's own list (``seg_lib/families``):
+``double3`` / ``single0-37`` (Flux, Chroma), ``joint7-9`` (SD3.5); ranges and lists as above.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ PREFIXES = {part: prefix for prefix, part in PARTS.items()}
 DEFAULT_LAYERS = "m0"
 
 _RAW_ENTRY = re.compile(r"^\s*(input|middle|output)\s*(\d+)(?:\s*\.\s*(\d+)(?:\s*-\s*(\d+))?)?\s*$")
+# DiT block kinds: the model's block list each names (Flux/Chroma double_blocks, single_blocks; SD3.5 joint_blocks).
+DIT_KINDS = ("double", "single", "joint")
+_DIT_ENTRY = re.compile(r"^\s*(double|single|joint)\s*(\d+)(?:\s*-\s*(double|single|joint)?\s*(\d+))?\s*$")
 _ENTRY = re.compile(r"^\s*([dmu])\s*(\d+)(?:\s*-\s*([dmu])?\s*(\d+))?(?:\s*\.\s*(\d+)(?:\s*-\s*(\d+))?)?\s*$")
 
 
@@ -57,7 +63,13 @@ class Selector:
     t_last: int | None = None
     raw: bool = False  # first/last are input_blocks/output_blocks indices, not attention-block ordinals
 
+    @property
+    def dit(self) -> bool:
+        return self.part in DIT_KINDS
+
     def __str__(self) -> str:
+        if self.dit:
+            return f"{self.part}{self.first}" if self.first == self.last else f"{self.part}{self.first}-{self.last}"
         prefix = PREFIXES[self.part]
         if self.raw:
             text = f"{self.part}{self.first}"
@@ -103,6 +115,13 @@ def parse_layers(text: str) -> tuple[Selector, ...]:
         raise ValueError(f"layers: select at least one block, e.g. {DEFAULT_LAYERS!r}")
     selectors = []
     for entry in entries:
+        dit = _DIT_ENTRY.match(entry.lower())
+        if dit is not None:
+            kind, first, end_kind, last = dit.groups()
+            if end_kind is not None and end_kind != kind:
+                raise ValueError(f"layers: {entry.strip()!r} mixes block kinds in one range")
+            selectors.append(_selector(entry, kind, first, last or first, None, None, raw=False))
+            continue
         raw = _RAW_ENTRY.match(entry.lower())
         if raw is not None:
             part, index, t_first, t_last = raw.groups()
@@ -112,7 +131,8 @@ def parse_layers(text: str) -> tuple[Selector, ...]:
         if match is None:
             raise ValueError(
                 f"layers: cannot read {entry.strip()!r}; use d<i>, m<i> or u<i>, "
-                "optionally with a range (d0-d3) and a transformer index (u0.4, d2.2-9)"
+                "optionally with a range (d0-d3) and a transformer index (u0.4, d2.2-9), "
+                "or a DiT block: double<i>, single<i>, joint<i> (ranges: joint7-9)"
             )
         prefix, first, end_prefix, last, t_first, t_last = match.groups()
         if end_prefix is not None and end_prefix != prefix:
@@ -171,6 +191,10 @@ def resolve_layers(layers: str | tuple[Selector, ...], layout: UNetLayout) -> tu
     by_part = {part: [block for block in layout if block.part == part] for part in PARTS.values()}
     picked: set[LayerRef] = set()
     for selector in selectors:
+        if selector.dit:
+            raise ValueError(
+                f"layers: {str(selector)!r} is a DiT block, and this model is a UNet; valid: {describe_layout(layout)}"
+            )
         blocks = by_part[selector.part]
         if selector.raw:
             chosen = [block for block in blocks if block.index == selector.first]
@@ -194,3 +218,43 @@ def resolve_layers(layers: str | tuple[Selector, ...], layout: UNetLayout) -> tu
             picked.update(LayerRef(block.part, block.index, t, block.depth) for t in wanted)
     order = {"input": 0, "middle": 1, "output": 2}
     return tuple(sorted(picked, key=lambda ref: (order[ref.part], ref.index, ref.transformer)))
+
+
+# A DiT's blocks SEG can smooth: (kind, count) per block list, in the order the model runs them.
+DitLayout = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class DitRef:
+    """One DiT block: ``<kind>_blocks[index]`` of the model."""
+
+    kind: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.index}"
+
+
+def describe_dit(layout: DitLayout) -> str:
+    """The selectors a DiT accepts, e.g. ``double0-18, single0-37``."""
+    return ", ".join(f"{kind}0" if count == 1 else f"{kind}0-{count - 1}" for kind, count in layout if count)
+
+
+def resolve_dit(layers: str | tuple[Selector, ...], layout: DitLayout, family: str) -> tuple[DitRef, ...]:
+    """The DiT blocks a selector picks, in the order the model runs them, without repeats.
+
+    Raises ``ValueError`` naming the bad entry and listing the valid blocks of this ``family``."""
+    selectors = parse_layers(layers) if isinstance(layers, str) else layers
+    counts = dict(layout)
+    picked: set[DitRef] = set()
+    for selector in selectors:
+        if not selector.dit:
+            raise ValueError(
+                f"layers: {str(selector)!r} is a UNet block, and this model is {family} (a DiT); "
+                f"valid: {describe_dit(layout)}"
+            )
+        if selector.last >= counts.get(selector.part, 0):
+            raise ValueError(f"layers: {str(selector)!r} is not in this {family} model; valid: {describe_dit(layout)}")
+        picked.update(DitRef(selector.part, index) for index in range(selector.first, selector.last + 1))
+    order = {kind: position for position, (kind, _) in enumerate(layout)}
+    return tuple(sorted(picked, key=lambda ref: (order[ref.kind], ref.index)))

@@ -24,6 +24,7 @@ double call is absorbed by recognising our own clone.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ import torch
 from seg_lib.core.blocks import LayerRef
 from seg_lib.core.blur import is_infinite
 from seg_lib.core.guidance import in_step_window, needs_uncond, rescale_args, seg_guidance
+from seg_lib.families import dit_family
+from seg_lib.host import forge_dit
 from seg_lib.host.forge_host import INNER_MODIFIER, ForgeHost
 from seg_lib.host.forge_others import same_call_blockers
 from seg_lib.host.forge_patches import (
@@ -89,6 +92,7 @@ class ForgeRun(Run):
     nothing_smoothed: bool = False  # the same call ran, but no selected layer could be smoothed this step
     fork_at: tuple[str, int] = ("input", 0)  # the first selected block: where the same call forks the branch
     fork_note: str = ""  # this step's same call: where it forked, or why not (for the console)
+    dit: forge_dit.DitSeg | None = None  # the pass's DiT (Flux, Chroma, SD3.5); None: a UNet
 
     def on_denoiser(self, params: Any) -> None:
         """``on_cfg_denoiser``: Forge still reports the step here, which the window needs."""
@@ -114,23 +118,26 @@ class ForgeRun(Run):
         objects = p.sd_model.forge_objects
         if self.failed or getattr(objects.unet, "seg_run", None) is self:
             return
-        refs = self.selected_layers(getattr(objects.unet.model, "diffusion_model", None))
-        if refs is None:
+        model = getattr(objects.unet.model, "diffusion_model", None)
+        family = dit_family(model)
+        self.dit = None if family is None else forge_dit.prepare(self, model, family)
+        refs = self.selected_layers(model) if family is None else ()
+        if refs is None or (family is not None and self.dit is None):
             return
         if compiled(objects.unet.model):
             self.give_up(_COMPILED)
             return
         conventions = self.host.conventions
-        if conventions.grid is None:
+        if self.dit is None and conventions.grid is None:
             self.give_up(
                 "SEG is off for this generation: this WebUI version shows SEG no layer's token grid "
                 "(no block inner modifiers, no activations_shape)"
             )
             return
         unet = objects.unet.clone()
-        if conventions.grid == INNER_MODIFIER:
+        if self.dit is None and conventions.grid == INNER_MODIFIER:
             add_block_inner_modifier(unet, see_grid)
-        self.fork_at = first_block(refs)
+        self.fork_at = first_block(refs) if refs else ("dit", 0)
         counts = {"smoothed": 0, "misplaced": 0}
         patches = {(ref.part, ref.index, ref.transformer): self._attn1_patch(ref, counts) for ref in refs}
         # snf fuses the CFG term, so at CFG 1 Forge must still compute the uncond prediction
@@ -232,10 +239,14 @@ class ForgeRun(Run):
                     reason = self.why_separate
                     self.say_once(f"path:separate:{reason}", f"separate extra UNet call ({reason})")
                     counts.update(smoothed=0, misplaced=0)
-                    options = with_attn1_patches(args["model_options"], patches)
-                    cond_seg, _ = self.host.calc_cond_uncond_batch(
-                        args["model"], args["cond"], None, x, args["sigma"], options
-                    )
+                    if self.dit is None:
+                        options, smoothing = with_attn1_patches(args["model_options"], patches), nullcontext()
+                    else:
+                        options, smoothing = args["model_options"], self.dit.hooks(self, counts)
+                    with smoothing:
+                        cond_seg, _ = self.host.calc_cond_uncond_batch(
+                            args["model"], args["cond"], None, x, args["sigma"], options
+                        )
                     if counts["smoothed"] == 0:
                         return result  # no layer could be smoothed on this step (said per layer): no SEG term
                 # The host scales CFG by the summed AND weights when they do not sum to 1; so is SEG.

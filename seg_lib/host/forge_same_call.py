@@ -45,11 +45,11 @@ def model_function_wrapper(run: ForgeRun, previous: Any, patches: dict, counts: 
         run.armed = False
         output = enlarged = None
         try:
-            plan = fork_plan(run, apply_model, args)
+            plan = fork_plan(run, apply_model, args) if run.dit is None else None
             enlarged = enlarge(run, apply_model, args, patches, forge_fork.CARRIED if plan else ())
             if enlarged is not None:
                 counts.update(smoothed=0, misplaced=0)
-                with forge_fork.forked(plan):
+                with forge_fork.forked(plan) if run.dit is None else dit_fork(run, args, counts):
                     output = call(apply_model, enlarged)
                 if output.shape[0] != enlarged["input"].shape[0]:
                     raise ValueError(f"the UNet returned {output.shape[0]} rows for {enlarged['input'].shape[0]}")
@@ -81,6 +81,16 @@ def model_function_wrapper(run: ForgeRun, previous: Any, patches: dict, counts: 
     wrapper.to = to
     wrapper.seg_previous = lambda: chained["previous"]  # what forge_others checks behind ours
     return wrapper
+
+
+def dit_fork(run: ForgeRun, args: dict[str, Any], counts: dict[str, int]) -> Any:
+    """A DiT's smoothed rows in the bigger call, forked from the cond chunk at the first selected block."""
+    assert run.dit is not None
+    rows = args["input"].shape[0]
+    size = rows // len(args["cond_or_uncond"])
+    first = list(args["cond_or_uncond"]).index(COND) * size
+    run.fork_note = run.dit.fork_note
+    return run.dit.hooks(run, counts, rows=rows, fork=slice(first, first + size))
 
 
 def fork_plan(run: ForgeRun, apply_model: Any, args: dict[str, Any]) -> forge_fork.ForkPlan | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from seg_lib.core.blocks import LayerRef, resolve_layers
+from seg_lib.core.blocks import DitRef, LayerRef, resolve_layers
 from seg_lib.core.blur import smooth_queries
 from seg_lib.core.params import BY_INFOTEXT, HIRES, HIRES_OVERRIDES, SegParams, for_pass, to_infotext
 from seg_lib.host.unet_layout import is_stock_unet, read_layout
@@ -84,7 +84,11 @@ class Run:
         """The attn1 layers the settings pick in this UNet, or None (SEG given up, one line) when the model
         has no SD/SDXL UNet or lacks a selected block."""
         if unet is None or not is_stock_unet(unet):
-            self.give_up("SEG does not apply to this model yet (it has no SD/SDXL UNet); generating without SEG")
+            name = type(unet).__name__ if unet is not None else "no diffusion model"
+            self.give_up(
+                f"SEG does not apply to this model yet ({name}: SEG knows the SD/SDXL UNet, Flux, Chroma and "
+                "SD3.5); generating without SEG"
+            )
             return None
         try:
             return resolve_layers(self.params.layers, read_layout(unet))
@@ -93,15 +97,16 @@ class Run:
             return None
 
     def smoothed(
-        self, ref: LayerRef, q: torch.Tensor, grid: tuple[int, int] | None, why: str = ""
+        self, ref: LayerRef | DitRef, q: torch.Tensor, grid: tuple[int, int] | None, why: str = ""
     ) -> torch.Tensor | None:
         """The layer's queries blurred on ``grid``, the (height, width) of the hidden state that entered its
         transformer in this very call (not a size derived from the latent: Deep Shrink, tiles and hires
         passes change it), or None when the queries do not lie on that grid. Then the layer is skipped for
         this call only, with one console line per layer and generation; ``why`` names the likely cause."""
         tokens = q.shape[1]
+        part = getattr(ref, "part", None) or ref.kind  # a UNet LayerRef or a DiT block
         if grid is None or grid[0] * grid[1] != tokens:
-            where = f"{ref.part} block {ref.index}"
+            where = f"{part} block {ref.index}"
             if grid is None:
                 reason = f"skipping {where}: the shape of its input was not seen (a UNet SEG does not know?)"
             else:
@@ -109,7 +114,7 @@ class Run:
                     f"skipping {where} on the steps where its {tokens} tokens per row are not the "
                     f"{grid[0]}x{grid[1]} grid it works on{f' ({why})' if why else ''}; SEG goes on where it can"
                 )
-            self.say_once(f"skip:{ref.part}{ref.index}", reason)
+            self.say_once(f"skip:{part}{ref.index}", reason)
             self.declined(f"the selected layers were skipped: {reason}")
             return None
         self.ran_on_cpu = self.ran_on_cpu or q.device.type == "cpu"
