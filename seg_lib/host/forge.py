@@ -23,18 +23,16 @@ double call is absorbed by recognising our own clone.
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from seg_lib.core.blocks import LayerRef
-from seg_lib.core.blur import is_infinite
-from seg_lib.core.guidance import in_step_window, needs_uncond, rescale_args, seg_guidance
+from seg_lib.core.guidance import in_step_window, needs_uncond
 from seg_lib.families import dit_family
 from seg_lib.host import forge_dit
+from seg_lib.host.forge_attn1 import attn1_patch
+from seg_lib.host.forge_guidance import post_cfg_function
 from seg_lib.host.forge_host import INNER_MODIFIER, ForgeHost
 from seg_lib.host.forge_others import same_call_blockers
 from seg_lib.host.forge_patches import (
@@ -43,15 +41,12 @@ from seg_lib.host.forge_patches import (
     SMOOTH_ROWS,
     add_block_inner_modifier,
     add_pre_cfg_first,
-    layer_grid,
-    regrouping_hint,
     see_grid,
     with_attn1_patches,
 )
 from seg_lib.host.forge_same_call import model_function_wrapper
 from seg_lib.host.fork import first_block
 from seg_lib.host.marks import owned
-from seg_lib.host.one_query import one_query_attention
 from seg_lib.host.run import Run
 
 __all__ = ["ALL_ROWS", "SMOOTH_ROWS", "ForgeHost", "ForgeRun", "with_attn1_patches"]
@@ -106,7 +101,7 @@ class ForgeRun(Run):
         step_x = getattr(self.step_params, "x", None)
         return step_x is None or x is step_x
 
-    def _take_step_call(self, x: Any) -> bool:
+    def take_step_call(self, x: Any) -> bool:
         """In the post-CFG function: whether this sampling call is the step's own. Where SEG's hook saw the
         call begin, its verdict holds, taken from the latents it began with (a pre-CFG function of another
         extension may have replaced them since: ControlNet's inpaint does); else the latents decide."""
@@ -139,9 +134,9 @@ class ForgeRun(Run):
             add_block_inner_modifier(unet, see_grid)
         self.fork_at = first_block(refs) if refs else ("dit", 0)
         counts = {"smoothed": 0, "misplaced": 0}
-        patches = {(ref.part, ref.index, ref.transformer): self._attn1_patch(ref, counts) for ref in refs}
+        patches = {(ref.part, ref.index, ref.transformer): attn1_patch(self, ref, counts) for ref in refs}
         # snf fuses the CFG term, so at CFG 1 Forge must still compute the uncond prediction
-        post_cfg = self._post_cfg_function(patches, counts)
+        post_cfg = post_cfg_function(self, patches, counts)
         unet.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=needs_uncond(self.params))
         self.armed, self.cond_seg, self.step_call = False, None, None
         self._install_step_hook(unet)
@@ -189,14 +184,14 @@ class ForgeRun(Run):
 
             options["sampler_calc_cond_batch_function"] = calc_cond_batch
 
-    def _seg_step(self) -> bool:
+    def seg_step(self) -> bool:
         return not self.failed and in_step_window(self.step, self.total_steps, self.params.start, self.params.end)
 
     def begin_call(self, model: Any, cond: Any, x: Any, model_options: Any, other_batching: bool = False) -> None:
         """A sampling call begins: is it the step's own, and may the host's UNet call carry the smoothed rows?"""
         self.armed, self.cond_seg, self.nothing_smoothed = False, None, False
         self.step_call = self._is_step_x(x)
-        if not (self.step_call and self._seg_step()):
+        if not (self.step_call and self.seg_step()):
             return
         if compiled(model):
             self.give_up(_COMPILED)
@@ -217,76 +212,3 @@ class ForgeRun(Run):
             self.why_separate = "the same-call path failed earlier in this generation"
         else:
             self.armed, self.step_shape = True, tuple(x.shape)
-
-    def _post_cfg_function(self, patches: dict[tuple[str, int, int], Any], counts: dict[str, int]) -> Any:
-        @owned
-        def post_cfg(args: dict[str, Any]) -> torch.Tensor:
-            result = args["denoised"]
-            if not self._take_step_call(args["input"]):
-                self.declined("the sampling calls SEG saw were other extensions' nested calls")
-                return result  # a nested call of another extension: nothing of this step's is consumed
-            cond_seg, self.cond_seg, self.armed = self.cond_seg, None, False
-            x = args["input"] if self.call_x is None else self.call_x
-            self.call_x = None
-            nothing_smoothed, self.nothing_smoothed = self.nothing_smoothed, False
-            if not self._seg_step() or nothing_smoothed:
-                return result
-            try:
-                if cond_seg is not None and cond_seg.shape == args["cond_denoised"].shape:
-                    note = self.fork_note
-                    self.say_once(f"path:same:{note}", f"smoothed branch computed in the same UNet call ({note})")
-                else:
-                    reason = self.why_separate
-                    self.say_once(f"path:separate:{reason}", f"separate extra UNet call ({reason})")
-                    counts.update(smoothed=0, misplaced=0)
-                    if self.dit is None:
-                        options, smoothing = with_attn1_patches(args["model_options"], patches), nullcontext()
-                    else:
-                        options, smoothing = args["model_options"], self.dit.hooks(self, counts)
-                    with smoothing:
-                        cond_seg, _ = self.host.calc_cond_uncond_batch(
-                            args["model"], args["cond"], None, x, args["sigma"], options
-                        )
-                    if counts["smoothed"] == 0:
-                        return result  # no layer could be smoothed on this step (said per layer): no SEG term
-                # The host scales CFG by the summed AND weights when they do not sum to 1; so is SEG.
-                strength = sum(item.get("strength", 1) for item in args["cond"])
-                scale = self.params.scale * (1.0 if math.isclose(strength, 1.0) else strength)
-                uncond = args["uncond_denoised"]
-                guided = seg_guidance(
-                    result, args["cond_denoised"], cond_seg, scale, **rescale_args(self.params, uncond)
-                )
-                self.note_guided()
-                return guided
-            except Exception as error:  # SEG must never break the user's generation
-                self.give_up(f"SEG failed and is off for the rest of this generation: {error!r}")
-                return result
-
-        return post_cfg
-
-    def _attn1_patch(self, ref: LayerRef, counts: dict[str, int]) -> Any:
-        source = self.host.conventions.grid
-
-        @owned
-        def attn1(
-            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any], inner: Any = None
-        ) -> torch.Tensor:
-            rows = extra_options.get(SMOOTH_ROWS)
-            if rows is not None and rows.stop not in (None, q.shape[0]):
-                counts["misplaced"] += 1  # a wrapper regrouped the batch: the marked rows are not these
-            elif rows is not None:
-                grid = layer_grid(extra_options, source)
-                smoothed = self.smoothed(ref, q[rows], grid, regrouping_hint(q, k))
-                if smoothed is not None and inner is None and is_infinite(self.params.blur_sigma):
-                    counts["smoothed"] += 1  # one mean query per row: attention for one query, broadcast
-                    heads = extra_options["n_heads"]
-                    return one_query_attention(self.host.attention, q, k, v, heads, rows, smoothed[:, :1])
-                if smoothed is not None:
-                    # The marked rows run to the end of the batch; a new tensor, the host's q stays as it was.
-                    q = torch.cat([q[: rows.start], smoothed]) if rows.start else smoothed
-                    counts["smoothed"] += 1
-            if inner is not None:  # the attention the host would have run here
-                return inner(q, k, v, extra_options)
-            return self.host.attention(q, k, v, extra_options["n_heads"])
-
-        return attn1
