@@ -13,7 +13,8 @@ So on SD1.x ``d0`` is ``input_blocks[1]`` and ``u0`` is ``output_blocks[3]``; on
 ``input_blocks[4]`` and ``m0`` is all 10 transformers of the middle block.
 
 DiT models are plain stacks of blocks, named by their kind and index in the model's own list (``seg_lib/families``):
-``double3`` / ``single0-37`` (Flux, Chroma), ``joint7-9`` (SD3.5); ranges and lists as above.
+``double3`` / ``single0-37`` (Flux, Chroma), ``joint7-9`` (SD3.5), ``layer12-14`` (Lumina 2, Z-Image); ranges and
+lists as above.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ PREFIXES = {part: prefix for prefix, part in PARTS.items()}
 DEFAULT_LAYERS = "m0"
 
 _RAW_ENTRY = re.compile(r"^\s*(input|middle|output)\s*(\d+)(?:\s*\.\s*(\d+)(?:\s*-\s*(\d+))?)?\s*$")
-# DiT block kinds: the model's block list each names (Flux/Chroma double_blocks, single_blocks; SD3.5 joint_blocks).
-DIT_KINDS = ("double", "single", "joint")
-_DIT_ENTRY = re.compile(r"^\s*(double|single|joint)\s*(\d+)(?:\s*-\s*(double|single|joint)?\s*(\d+))?\s*$")
+# DiT block kinds: the model's block list each names (Flux/Chroma double_blocks, single_blocks; SD3.5 joint_blocks;
+# Lumina 2 / Z-Image layers).
+DIT_KINDS = ("double", "single", "joint", "layer")
+_KIND = "|".join(DIT_KINDS)
+_DIT_ENTRY = re.compile(rf"^\s*({_KIND})\s*(\d+)(?:\s*-\s*({_KIND})?\s*(\d+))?\s*$")
 _ENTRY = re.compile(r"^\s*([dmu])\s*(\d+)(?:\s*-\s*([dmu])?\s*(\d+))?(?:\s*\.\s*(\d+)(?:\s*-\s*(\d+))?)?\s*$")
 
 
@@ -132,7 +135,7 @@ def parse_layers(text: str) -> tuple[Selector, ...]:
             raise ValueError(
                 f"layers: cannot read {entry.strip()!r}; use d<i>, m<i> or u<i>, "
                 "optionally with a range (d0-d3) and a transformer index (u0.4, d2.2-9), "
-                "or a DiT block: double<i>, single<i>, joint<i> (ranges: joint7-9)"
+                "or a DiT block: double<i>, single<i>, joint<i>, layer<i> (ranges: joint7-9)"
             )
         prefix, first, end_prefix, last, t_first, t_last = match.groups()
         if end_prefix is not None and end_prefix != prefix:

@@ -7,9 +7,11 @@ from typing import Any
 
 from seg_lib.families.dit import DitFamily
 from seg_lib.families.flux import CHROMA, FLUX
+from seg_lib.families.lumina2 import LUMINA2, ZIMAGE
 from seg_lib.families.sd35 import SD35
 
-DIT_FAMILIES: tuple[DitFamily, ...] = (CHROMA, FLUX, SD35)  # Chroma before Flux: it has Flux's block lists too
+# Chroma before Flux: it has Flux's block lists too. Lumina 2 and Z-Image share one structure (``lumina2.py``).
+DIT_FAMILIES: tuple[DitFamily, ...] = (CHROMA, FLUX, SD35, LUMINA2, ZIMAGE)
 
 
 def dit_family(model: Any) -> DitFamily | None:
@@ -17,4 +19,4 @@ def dit_family(model: Any) -> DitFamily | None:
     return next((family for family in DIT_FAMILIES if family.matches(model)), None)
 
 
-__all__ = ["DIT_FAMILIES", "DitFamily", "dit_family"]
+__all__ = ["CHROMA", "DIT_FAMILIES", "FLUX", "LUMINA2", "SD35", "ZIMAGE", "DitFamily", "dit_family"]

@@ -41,13 +41,29 @@ class DitFamily:
     real_cfg: bool  # trained for CFG (else CFG 1, distilled guidance: SEG guides the cond alone)
     is_model: Callable[[nn.Module], bool]
     context_arg: int = 2  # position of ``context`` (the text tokens) in the model's forward
+    # The model pads the text tokens to a multiple of this (Z-Image: ``pad_tokens_multiple``); None: as given.
+    text_multiple: Callable[[nn.Module], int | None] | None = None
+    # Block parameters that hold one value for all rows (never copied for the fork, whatever their length).
+    shared_args: tuple[str, ...] = ()
+    # Model methods after the stacks that take the rows first and per-row lists made for the host's rows
+    # (Forge Neo's ``unpatchify``): on the fork they run on the host's rows and on the copies apart.
+    row_methods: tuple[str, ...] = ()
 
-    def text_tokens(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    def text_tokens(self, args: tuple[Any, ...], kwargs: dict[str, Any], model: nn.Module | None = None) -> int:
         """How many text tokens come before the image tokens in a call (0 where the image tokens are last)."""
         if not self.text_first:
             return 0
         context = kwargs.get("context", args[self.context_arg] if len(args) > self.context_arg else None)
-        return int(context.shape[1]) if context is not None else 0
+        count = int(context.shape[1]) if context is not None else 0
+        multiple = self.text_multiple(model) if self.text_multiple is not None and model is not None else None
+        return -(-count // multiple) * multiple if multiple else count
+
+    @staticmethod
+    def patch(model: nn.Module) -> int:
+        """The side of the model's square patches: its ``patch_size`` where it keeps one (Forge Neo's Flux.2:
+        1, its Flux, Chroma and Lumina: 2), else 2 (Forge main's Flux has no such attribute)."""
+        size = getattr(model, "patch_size", None)
+        return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 2
 
     def matches(self, model: Any) -> bool:
         has_stacks = all(hasattr(model, attr) for _, attr in self.stacks)
@@ -75,27 +91,39 @@ class DitFamily:
 def kernel_sites(family: DitFamily, model: nn.Module) -> tuple[Site, ...] | str:
     """Where the host's blocks of this model hand their final queries to attention, read from the blocks'
     code: the kernel they call, or the one the module function they call (``attention``, ``block_mixing``)
-    calls in turn. A string says why none was found (SEG then does not apply to this model on this host)."""
+    calls in turn, or the one their attention submodule calls (Lumina's ``self.attention(...)``). A string
+    says why none was found (SEG then does not apply to this model on this host)."""
     sites: dict[tuple[int, str], Site] = {}
     for _, attr in family.stacks:
         stack = getattr(model, attr)
         if not len(stack):
             continue
-        cls = type(stack[0])
+        block = stack[0]
+        cls = type(block)
         namespace = sys.modules.get(cls.__module__)
         if namespace is None:
             return f"the module of {cls.__name__} is not loaded"
-        site = next((found for method in _methods(cls) if (found := _site(method, vars(namespace), 2))), None)
+        site = next(
+            (found for method in _methods(block) if (found := _site(method, _globals(method, vars(namespace)), 2))),
+            None,
+        )
         if site is None:
             return f"{cls.__module__}.{cls.__name__} calls no attention function SEG knows"
         sites[(id(site.namespace), site.name)] = site
     return tuple(sites.values()) or "the model has no blocks"
 
 
-def _methods(cls: type) -> list[Any]:
-    """The block's forward and the methods of its own it calls (``self.run(...)``)."""
+def _globals(function: Any, default: dict[str, Any]) -> dict[str, Any]:
+    found = getattr(function, "__globals__", None)
+    return found if isinstance(found, dict) else default
+
+
+def _methods(block: nn.Module, depth: int = 1) -> list[Any]:
+    """The block's forward, the methods of its own it calls (``self.run(...)``), and the forwards of the
+    host's submodules it calls (``self.attention(...)``: Lumina's attention module), one level down."""
     import ast
 
+    cls = type(block)
     parsed = reading.tree(cls.forward)
     called = (
         []
@@ -109,7 +137,13 @@ def _methods(cls: type) -> list[Any]:
             and node.func.value.id == "self"
         ]
     )
-    return [cls.forward, *(getattr(cls, name) for name in called if callable(getattr(cls, name, None)))]
+    methods = [cls.forward, *(getattr(cls, name) for name in called if callable(getattr(cls, name, None)))]
+    if depth:
+        for name in called:
+            sub = block._modules.get(name)
+            if isinstance(sub, nn.Module) and not type(sub).__module__.startswith("torch."):
+                methods.extend(_methods(sub, depth - 1))
+    return methods
 
 
 def _site(function: Any, namespace: dict[str, Any], depth: int) -> Site | None:

@@ -6,13 +6,19 @@ hooks on the blocks mark which block runs (the kernel wrapper smooths only there
 model's entry drops the appended copies of the cond rows, the first selected block makes them again from what
 the cond rows computed so far, and every later block and output layer gets its per-row inputs (modulation,
 position embedding, scratch buffers) extended the same way. Everything in these models is per row, so the
-copies' output equals a separate cond pass with the same blocks smoothed.
+copies' output equals a separate cond pass with the same blocks smoothed. What a family marks as the same
+for all rows (``DitFamily.shared_args``) is passed on as it is, and the model methods it names
+(``DitFamily.row_methods``: per-row lists made for the host's rows) run on the host's rows and the copies
+apart. A model that adds ControlNet residuals for the host's rows between its blocks (a ``control`` input
+that is set) is not forked: the call raises before the model runs, and the host's wrapper takes the
+separate call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +72,37 @@ def grow(value: Any, host: int, cond: slice) -> Any:
     return value
 
 
+def grow_call(
+    function: Any, args: tuple, kwargs: dict, host: int, cond: slice, shared: tuple[str, ...] = ()
+) -> tuple[tuple, dict]:
+    """A call's arguments with the cond rows' copies appended (``grow``), except the parameters of
+    ``function`` named in ``shared``, which hold one value for all rows whatever their length."""
+    if not shared:
+        return grow(args, host, cond), grow(kwargs, host, cond)
+    names = _positional(function)
+    args = tuple(
+        item if index < len(names) and names[index] in shared else grow(item, host, cond)
+        for index, item in enumerate(args)
+    )
+    return args, {key: item if key in shared else grow(item, host, cond) for key, item in kwargs.items()}
+
+
+def _positional(function: Any) -> tuple[str, ...]:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(parameter.name for parameter in parameters if parameter.kind in kinds)
+
+
+def _takes(function: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _cut(value: Any, total: int, host: int) -> Any:
     if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == total:
         return value[:host]
@@ -84,11 +121,15 @@ def dit_hooks(call: DitCall) -> Iterator[None]:
 
     def entry(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x = args[0] if args else kwargs["x"]
-        state.grid = family.grid(x.shape[-2], x.shape[-1])
-        state.text_tokens = family.text_tokens(args, kwargs)
+        state.grid = family.grid(x.shape[-2], x.shape[-1], family.patch(model))
+        state.text_tokens = family.text_tokens(args, kwargs, model)
         state.current, state.forked = None, False
         if call.fork is None:
             return args, kwargs
+        if kwargs.get("control") is not None and _takes(model.forward, "control"):
+            # Forge Neo's Flux and Chroma, Forge's SD3.5: the residuals are added between the blocks for the
+            # host's rows, where no hook reaches them.
+            raise RuntimeError("the model adds ControlNet residuals between its blocks; SEG's rows are not forked")
         total = x.shape[0]
         state.host = total - (call.fork.stop - call.fork.start)
         args = tuple(_cut(value, total, state.host) for value in args)
@@ -104,7 +145,7 @@ def dit_hooks(call: DitCall) -> Iterator[None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if call.fork is not None and (state.forked or ref == first):
                 state.forked = True
-                args, kwargs = grow(args, state.host, call.fork), grow(kwargs, state.host, call.fork)
+                args, kwargs = grow_call(module.forward, args, kwargs, state.host, call.fork, family.shared_args)
             state.current = ref if ref in selected else None
             return args, kwargs
 
@@ -125,17 +166,47 @@ def dit_hooks(call: DitCall) -> Iterator[None]:
         if isinstance(module, nn.Module):
             handles.append(module.register_forward_pre_hook(before(None), with_kwargs=True))
     installed = []
+    methods: list[tuple[str, Any]] = []
     try:
         for site in call.sites:
             original = site.namespace[site.name]
             site.namespace[site.name] = _kernel(original, call, state)
             installed.append((site, original))
+        if call.fork is not None:
+            for name in family.row_methods:
+                method = getattr(model, name, None)
+                if callable(method) and not isinstance(method, nn.Module):
+                    methods.append((name, vars(model).get(name, _UNSET)))
+                    setattr(model, name, _apart(method, state))
         yield
     finally:
+        for name, previous in reversed(methods):
+            if previous is _UNSET:
+                delattr(model, name)
+            else:
+                setattr(model, name, previous)
         for site, original in installed:
             site.namespace[site.name] = original
         for handle in handles:
             handle.remove()
+
+
+_UNSET = object()
+
+
+def _apart(method: Callable[..., Any], state: _State) -> Callable[..., Any]:
+    """``method`` (rows first, then per-row lists made for the host's rows) on the host's rows and on the
+    copies apart, joined: the lists' entries are the same for every row (Forge Neo's ``unpatchify``)."""
+
+    def run(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not state.forked or not isinstance(x, torch.Tensor) or x.shape[0] <= state.host:
+            return method(x, *args, **kwargs)
+        host, copies = method(x[: state.host], *args, **kwargs), method(x[state.host :], *args, **kwargs)
+        if isinstance(host, torch.Tensor):
+            return torch.cat([host, copies])
+        return type(host)([*host, *copies])  # a list of per-row tensors
+
+    return run
 
 
 def _kernel(original: Callable[..., torch.Tensor], call: DitCall, state: _State) -> Callable[..., torch.Tensor]:
