@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-import seg_lib.host.a1111 as a1111
+import seg_lib.host.a1111_same_call as a1111_same_call
 from seg_lib.core.blocks import SD1_LAYOUT, resolve_layers
 from seg_lib.core.params import SegParams
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
@@ -230,7 +230,7 @@ def test_an_error_in_the_fork_still_makes_the_image(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("fork broke")
 
-    monkeypatch.setattr(a1111, "forked_forward", broken)
+    monkeypatch.setattr(a1111_same_call, "forked_forward", broken)
     first, second = rig.step(), rig.step()
     assert torch.equal(first, rig.plain())
     assert torch.equal(second, rig.plain())
@@ -251,7 +251,7 @@ def test_an_interrupt_inside_the_call_leaves_no_patch(monkeypatch):
     def interrupted(*args, **kwargs):
         raise Interrupt
 
-    monkeypatch.setattr(a1111, "forked_forward", interrupted)
+    monkeypatch.setattr(a1111_same_call, "forked_forward", interrupted)
     with pytest.raises(Interrupt):
         rig.step()
     assert "forward" not in vars(rig.unet)

@@ -1,4 +1,4 @@
-"""The query hooks of one A1111 UNet call: each selected layer's queries smoothed on the grid of that call."""
+"""The selected layers of an A1111 UNet, and the query hooks of one call: their queries smoothed on its grid."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from seg_lib.core.blocks import LayerRef
 from seg_lib.core.blur import is_infinite
 from seg_lib.host.one_query import one_query_attn1
 from seg_lib.host.run import Run
+from seg_lib.host.unet_layout import attn1_module, spatial_transformer
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,14 @@ class Target:
 
 
 Targets = list[Target]
+
+
+def layer_targets(run: Run, unet: nn.Module | None) -> Targets | None:
+    """The layers the run's settings select in ``unet``, or None (SEG given up: ``Run.selected_layers``)."""
+    refs = run.selected_layers(unet)
+    if refs is None:
+        return None
+    return [Target(ref, attn1_module(unet, ref), spatial_transformer(unet, ref)) for ref in refs]
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from tests.ui.webui import WebUI, infotext_fields
 TXT = "txt2img"
 IMG = "img2img"
 SEG_KEYS = ("SEG Scale", "SEG Sigma", "SEG Layers", "SEG Start", "SEG End")
-# The console lines of the separate pass with Fast SEG off: seg_lib/host/a1111.py (_plain_path, "the fast SEG
+# The console lines of the separate pass with Fast SEG off: seg_lib/host/a1111_paths.py (plain_path, "the fast SEG
 # setting is off") and seg_lib/host/forge.py (why_separate "fast path off in Settings").
 SEPARATE_PASS = re.compile(
     r"\[SEG\] separate extra UNet (pass per step \(the fast SEG setting is off\)|call \(fast path off in Settings\))"
