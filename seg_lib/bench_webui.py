@@ -2,6 +2,7 @@
 
     python -m seg_lib.bench_webui --url http://127.0.0.1:7860 [--size 512] [--checkpoint NAME] [--reps 2]
                                   [--layers m0] [--sigma inf] [--scripts JSON|@file.json]
+                                  [--manifest DIR/manifest.json --family sd35]
 
 Three modes, same seed, size and sampler: SEG off; SEG with the separate extra UNet pass (the fast SEG
 setting off, through ``override_settings``); SEG on the fast path (A1111: forked inside the host's UNet call;
@@ -9,7 +10,9 @@ Forge: in the same batch). For each mode it generates at two step counts and tak
 model loading, text encoding and VAE decoding cancel out: per-step time = (t(long) - t(short)) / (long -
 short). The modes' requests are interleaved within each repetition; medians are reported with their ratios.
 ``--scripts`` adds other extensions' always-on scripts to every request (e.g. a ControlNet unit), in the API's
-``alwayson_scripts`` form.
+``alwayson_scripts`` form. ``--manifest``/``--family``: a DiT of the lab's manifest (``tests/api/make_dit_models.py``),
+with the request fields it needs (checkpoint, text encoders and VAE, CFG, sampler); the fork's saving is printed
+as the share of the separate pass's extra cost that the fast path does not pay.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def measure(
     layers: str,
     sigma: str,
     scripts: dict[str, Any] | None = None,
+    request: dict[str, Any] | None = None,
 ) -> dict[str, list[float]]:
     """Per-step seconds of each mode, one value per repetition."""
     seg_on = [True, 3.0, sigma, layers, 0.0, 1.0]
@@ -69,6 +73,11 @@ def measure(
             "override_settings": {FAST_PATH: fast},
             "override_settings_restore_afterwards": True,
         }
+        for key, value in (request or {}).items():  # a DiT's own fields (CFG, sampler, its modules)
+            if key == "override_settings":
+                body["override_settings"] = {**value, **body["override_settings"]}
+            elif key not in ("width", "height", "steps", "batch_size", "n_iter"):
+                body[key] = value
         if checkpoint:
             body["override_settings"]["sd_model_checkpoint"] = checkpoint
         return body
@@ -95,7 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default="m0", help="SEG layers (default: the middle block)")
     parser.add_argument("--sigma", default="inf", help="SEG blur sigma")
     parser.add_argument("--scripts", default=None, help="other always-on scripts, as JSON or @file.json")
+    parser.add_argument("--manifest", default=None, help="the lab's DiT manifest.json (with --family)")
+    parser.add_argument("--family", default=None, help="a family of the manifest, e.g. sd35, flux, chroma")
     args = parser.parse_args(argv)
+    request = None
+    if args.manifest or args.family:
+        if not (args.manifest and args.family):
+            parser.error("--manifest and --family go together")
+        request = json.loads(Path(args.manifest).read_text())["families"][args.family]["request"]
     scripts = None
     if args.scripts:
         text = Path(args.scripts[1:]).read_text() if args.scripts.startswith("@") else args.scripts
@@ -110,11 +126,15 @@ def main(argv: list[str] | None = None) -> None:
         args.layers,
         args.sigma,
         scripts,
+        request,
     )
     results = {mode: statistics.median(values) for mode, values in per_rep.items()}
     base = results[OFF]
+    cfg = (request or {}).get("cfg_scale", 5)
+    what = f"{args.family}, " if args.family else ""
+    sampler = (request or {}).get("sampler_name", "Euler")
     print(
-        f"{args.size}x{args.size}, Euler, CFG 5, layers {args.layers}, sigma {args.sigma}, checkpoint "
+        f"{what}{args.size}x{args.size}, {sampler}, CFG {cfg:g}, layers {args.layers}, sigma {args.sigma}, checkpoint "
         f"{args.checkpoint or '(loaded)'}, steps {args.short} vs {args.long}, {args.reps} reps"
         f"{', with ' + ', '.join(scripts) if scripts else ''}\n"
     )
@@ -126,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     # Ratios within a repetition: its requests ran back to back, so the machine's drift cancels best there.
     ratios = [f"{fast / off:.2f}x" for off, fast in zip(per_rep[OFF], per_rep[FAST], strict=True)]
     print(f"\nfast path / SEG off, per repetition: {', '.join(ratios)}")
+    extra = results[SEPARATE] - base
+    if extra > 0:
+        saved = (results[SEPARATE] - results[FAST]) / extra
+        print(f"the fork saves {saved:.0%} of the separate pass's extra cost (median of the modes' medians)")
 
 
 if __name__ == "__main__":

@@ -195,8 +195,9 @@ LAYERS = Param(
     minimum=None,
     maximum=None,
     help="Self-attention blocks to smooth: m0 = middle block (default), d<i> encoder, u<i> decoder, "
-    "u0.4 = one transformer, d0-d3 = a range; comma-separated.",
-    rule="a block list such as m0, d0-d3 or u0.4",
+    "u0.4 = one transformer, d0-d3 = a range; comma-separated. DiT models: double<i>/single<i> (Flux, Chroma), "
+    "joint<i> (SD3.5), e.g. joint7-9; m0 there means the model's own default.",
+    rule="a block list such as m0, d0-d3, u0.4 or (DiT) joint7-9, double0,single3",
     parse=_parse_layers,
     format=str,
 )

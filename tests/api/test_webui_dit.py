@@ -191,3 +191,31 @@ def test_hires_fix(family: str) -> None:
     on = _generate(family, _on(family), **hires)
     assert pixels(on["images"][0]) != pixels(off["images"][0])
     assert "SEG Layers" in on["info"]
+
+
+@pytest.mark.usefixtures("with_extension")
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_img2img_and_inpaint(family: str, mask: bool) -> None:
+    """img2img and inpainting on a DiT: SEG changes the image, and outside an inpainting mask the SEG image
+    differs from the SEG-off one no more than the host's own inpainting does between two SEG-off runs."""
+    from tests.api.test_webui_api import _init_image_and_mask
+
+    init, mask_b64, _ = _init_image_and_mask()
+    request = json.loads(json.dumps(FAMILIES[family]["request"]))
+    fields = {
+        "init_images": [init],
+        "denoising_strength": 0.7,
+        **({"mask": mask_b64, "inpainting_fill": 1, "inpaint_full_res": False} if mask else {}),
+    }
+
+    def img2img(seg: dict[str, Any]) -> dict[str, Any]:
+        payload = {"prompt": "a red fox in the snow", "seed": 1234, **request, **fields}
+        payload["alwayson_scripts"] = {TITLE: {"args": [seg]}}
+        status, body = call("/sdapi/v1/img2img", payload)
+        assert status == 200, body
+        return body
+
+    off, on = img2img(OFF), img2img(_on(family))
+    assert pixels(on["images"][0]) != pixels(off["images"][0])
+    assert "SEG Layers" in on["info"]
