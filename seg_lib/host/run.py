@@ -10,6 +10,7 @@ import torch
 from seg_lib.core.blocks import DitRef, LayerRef, resolve_layers
 from seg_lib.core.blur import smooth_queries
 from seg_lib.core.params import BY_INFOTEXT, HIRES, HIRES_OVERRIDES, SegParams, for_pass, to_infotext
+from seg_lib.families import DIT_FAMILIES
 from seg_lib.host.unet_layout import is_stock_unet, read_layout
 from seg_lib.log import log
 
@@ -85,9 +86,10 @@ class Run:
         has no SD/SDXL UNet or lacks a selected block."""
         if unet is None or not is_stock_unet(unet):
             name = type(unet).__name__ if unet is not None else "no diffusion model"
+            dits = ", ".join(family.name for family in DIT_FAMILIES)
             self.give_up(
-                f"SEG does not apply to this model yet ({name}: SEG knows the SD/SDXL UNet, Flux, Chroma and "
-                "SD3.5); generating without SEG"
+                f"SEG does not apply to this model yet ({name}: SEG knows the SD/SDXL UNet and the DiTs {dits}); "
+                "generating without SEG"
             )
             return None
         try:
