@@ -15,9 +15,9 @@ import torch
 import seg_lib.host.a1111_same_call as a1111_same_call
 from seg_lib.core.blocks import SD1_LAYOUT, resolve_layers
 from seg_lib.core.params import SegParams
+from seg_lib.families.unet import read_layout
 from seg_lib.host.fork import NotRows, StockForward, first_block, forked_forward, stock_forward, with_row_copies
 from seg_lib.host.marks import owned
-from seg_lib.host.unet_layout import read_layout
 from tests import standins
 from tests.standins import CONTEXT, TinyUNet
 from tests.test_a1111_adapter import BLOCKS, Rig, _to_q_hooks, reference_smoothing

@@ -13,10 +13,10 @@ from seg_lib.api import check_request
 from seg_lib.core.blocks import SD1_LAYOUT, SDXL_LAYOUT
 from seg_lib.core.params import SegParams, to_infotext
 from seg_lib.core.paste import normalize_pasted, seg_from_infotext
+from seg_lib.families.unet import attn1_module, read_layout
 from seg_lib.generation import params_for_generation, script_args_to_params
 from seg_lib.host import detect_host
 from seg_lib.host.run import Run
-from seg_lib.host.unet_layout import attn1_module, read_layout
 from seg_lib.xyz import OVERRIDES_ATTRIBUTE, register_axes
 from tests.guard_driver import through_guard
 from tests.standins import SpatialTransformer, make_p

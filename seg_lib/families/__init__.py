@@ -1,5 +1,6 @@
 """Model families SEG knows, apart from the hosts: each DiT family is one module (its block lists, where its
-image queries are, its token grid); the SD/SDXL UNet layout is read by ``seg_lib/host/unet_layout.py``."""
+image queries are, its token grid); the SD/SDXL UNet layout is read by
+``unet.py``."""
 
 from __future__ import annotations
 

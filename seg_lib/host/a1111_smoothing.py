@@ -11,9 +11,9 @@ from torch import nn
 
 from seg_lib.core.blocks import LayerRef
 from seg_lib.core.blur import is_infinite
+from seg_lib.families.unet import attn1_module, spatial_transformer
 from seg_lib.host.one_query import one_query_attn1
 from seg_lib.host.run import Run
-from seg_lib.host.unet_layout import attn1_module, spatial_transformer
 
 
 @dataclass(frozen=True)

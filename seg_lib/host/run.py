@@ -11,7 +11,7 @@ from seg_lib.core.blocks import DitRef, LayerRef, resolve_layers
 from seg_lib.core.blur import smooth_queries
 from seg_lib.core.params import BY_INFOTEXT, HIRES, HIRES_OVERRIDES, SegParams, for_pass, to_infotext
 from seg_lib.families import DIT_FAMILIES
-from seg_lib.host.unet_layout import is_stock_unet, read_layout
+from seg_lib.families.unet import is_stock_unet, read_layout
 from seg_lib.log import log
 
 RUN_ATTRIBUTE = "seg_run"  # a generation's run lives on its processing object, never on the Script
