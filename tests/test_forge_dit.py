@@ -14,7 +14,7 @@ from seg_lib.core.params import BY_INFOTEXT, SegParams, to_infotext
 from seg_lib.families.hooks import dit_hooks
 from seg_lib.host.forge import ForgeHost, ForgeRun
 from seg_lib.host.run import RUN_ATTRIBUTE, on_cfg_denoiser
-from tests import standins_flux, standins_sd35
+from tests import standins_flux, standins_sd35, standins_sd35_ersatz
 from tests.standins import make_p
 from tests.standins_forge import ForgeModel, UnetPatcher, calc_cond_uncond_batch, sampling_function_inner
 from tests.test_dit import _call
@@ -29,6 +29,8 @@ def _model(name: str, depth: int = 4):
     torch.manual_seed(3)
     if name == "sd35":
         return standins_sd35.MMDiTX(depth=depth)
+    if name == "sd35-ersatz":
+        return standins_sd35_ersatz.MMDiTX(depth=depth)
     return standins_flux.Chroma() if name == "chroma" else standins_flux.Flux(guidance_embed=name == "flux")
 
 
@@ -54,7 +56,7 @@ class DitRig:
         self.cond, self.uncond = [self.entry(gen)], [self.entry(gen)]
 
     def entry(self, gen: torch.Generator) -> dict:
-        width = 12 if self.name == "sd35" else 6
+        width = 12 if self.name.startswith("sd35") else 6
         conds = {"c_crossattn": torch.randn(1, 5, 12, generator=gen, dtype=torch.float64)}
         conds["y"] = torch.randn(1, width, generator=gen, dtype=torch.float64)
         if self.name == "flux":
@@ -160,3 +162,16 @@ def test_nothing_is_left_patched():
     assert repr(rig.base.model_options) == options
     modules = [rig.dit, *rig.dit.double_blocks, *rig.dit.single_blocks, rig.dit.final_layer]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+
+
+def test_module_buffers_take_the_same_call_unforked(capsys):
+    """ersatzForge's SD3.5 keeps its joint q/k/v in module-level buffers sized for the host's batch: the
+    copies then run through the whole model in the same call (no fork), and the result is still exact."""
+    params = SegParams(enabled=True, scale=2.0, blur_sigma=math.inf, layers="joint1")
+    rig = DitRig("sd35-ersatz", params)
+    result = rig.step()
+    cfg, cond = rig.plain()
+    torch.testing.assert_close(result, cfg + 2.0 * (cond - rig.smoothed_cond("joint1", math.inf)), rtol=0, atol=1e-9)
+    out = capsys.readouterr().out
+    assert "same UNet call (not forked: its blocks keep per-call buffers in module globals (SD3_K, SD3_Q" in out
+    assert rig.model.calls == [3]

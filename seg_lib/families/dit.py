@@ -168,3 +168,27 @@ def _attributes(function: Any) -> frozenset[str]:
     if parsed is None:
         return frozenset()
     return frozenset(node.attr for node in ast.walk(parsed) if isinstance(node, ast.Attribute))
+
+
+def module_buffers(family: DitFamily, model: nn.Module) -> tuple[str, ...]:
+    """Module-level names the model's blocks (or the module functions they call) rebind with ``global``:
+    per-call buffers sized for the host's batch (ersatzForge's SD3.5 keeps its joint q/k/v there). The fork
+    cannot give the copies theirs, so such a model's copies run through the whole model instead."""
+    import ast
+
+    found: set[str] = set()
+    functions: list[Any] = [type(model).forward]
+    for _, attr in family.stacks:
+        stack = getattr(model, attr)
+        if len(stack):
+            methods = _methods(stack[0])
+            functions.extend(methods)
+            for method in methods:
+                namespace = _globals(method, {})
+                called = reading.called_names(method) or frozenset()
+                functions.extend(namespace[name] for name in called if callable(namespace.get(name)))
+    for function in functions:
+        parsed = reading.tree(function)
+        if parsed is not None:
+            found.update(name for node in ast.walk(parsed) if isinstance(node, ast.Global) for name in node.names)
+    return tuple(sorted(found))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from seg_lib.core.blocks import DEFAULT_LAYERS, DitRef, resolve_dit
 from seg_lib.core.blur import is_infinite
 from seg_lib.families import DitFamily
-from seg_lib.families.dit import Site, kernel_sites
+from seg_lib.families.dit import Site, kernel_sites, module_buffers
 from seg_lib.families.hooks import DitCall, dit_hooks
 
 if TYPE_CHECKING:
@@ -28,9 +28,12 @@ class DitSeg:
     model: Any
     refs: tuple[DitRef, ...]
     sites: tuple[Site, ...]
+    buffers: tuple[str, ...] = ()  # module-level per-call buffers of the blocks: no fork (module_buffers)
 
     @property
     def fork_note(self) -> str:
+        if self.buffers:
+            return f"not forked: its blocks keep per-call buffers in module globals ({', '.join(self.buffers)})"
         return f"forked from the conditional branch at {self.refs[0].kind} block {self.refs[0].index}"
 
     @contextlib.contextmanager
@@ -79,4 +82,4 @@ def prepare(run: ForgeRun, model: Any, family: DitFamily) -> DitSeg | None:
         return None
     if not family.real_cfg and getattr(run.p, "cfg_scale", 1) == 1:
         run.say_once("cfg1", f"SEG on {family.name} at CFG 1: cond + scale * (cond - cond_seg)")
-    return DitSeg(family, model, refs, sites)
+    return DitSeg(family, model, refs, sites, module_buffers(family, model))

@@ -90,7 +90,8 @@ def dit_fork(run: ForgeRun, args: dict[str, Any], counts: dict[str, int]) -> Any
     size = rows // len(args["cond_or_uncond"])
     first = list(args["cond_or_uncond"]).index(COND) * size
     run.fork_note = run.dit.fork_note
-    return run.dit.hooks(run, counts, rows=rows, fork=slice(first, first + size))
+    fork = None if run.dit.buffers else slice(first, first + size)  # unforked: the copies run the whole model
+    return run.dit.hooks(run, counts, rows=rows, fork=fork)
 
 
 def fork_plan(run: ForgeRun, apply_model: Any, args: dict[str, Any]) -> forge_fork.ForkPlan | None:
