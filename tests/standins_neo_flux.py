@@ -21,12 +21,13 @@ from that source at small width in float64. What differs from Forge main (``stan
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tests.standins_flux import timestep_embedding  # the same in Neo's flux.py
 
 HEADS, HEAD_DIM = 2, 8
 WIDTH = HEADS * HEAD_DIM
@@ -66,13 +67,6 @@ def apply_rope(xq, xk, freqs_cis):
         return (freqs_cis[..., 0] * pairs[..., 0] + freqs_cis[..., 1] * pairs[..., 1]).reshape(*x.shape)
 
     return one(xq), one(xk)
-
-
-def timestep_embedding(t, dim, max_period=10000, time_factor=1000.0):
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
-    args = (time_factor * t)[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class EmbedND(nn.Module):

@@ -5,6 +5,8 @@ RoPE is applied to q and k right before the attention kernel, which therefore ge
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from seg_lib.families.dit import DitFamily
@@ -31,14 +33,4 @@ FLUX = DitFamily(
     real_cfg=False,  # dev is guidance-distilled (its guidance is an input), schnell is step-distilled
     is_model=lambda model: hasattr(model, "img_in") and hasattr(model, "txt_in") and not _is_chroma(model),
 )
-CHROMA = DitFamily(
-    name="Chroma",
-    stacks=_STACKS,
-    after=("final_layer",),
-    default_layers=_DEFAULT,
-    default_source=_SOURCE,
-    text_first=True,
-    ceil_grid=True,
-    real_cfg=True,
-    is_model=_is_chroma,
-)
+CHROMA = replace(FLUX, name="Chroma", real_cfg=True, is_model=_is_chroma)  # Flux's blocks, real CFG
