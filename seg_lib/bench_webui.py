@@ -12,13 +12,16 @@ short). The modes' requests are interleaved within each repetition; medians are 
 ``--scripts`` adds other extensions' always-on scripts to every request (e.g. a ControlNet unit), in the API's
 ``alwayson_scripts`` form. ``--manifest``/``--family``: a DiT of the lab's manifest (``tests/api/make_dit_models.py``),
 with the request fields it needs (checkpoint, text encoders and VAE, CFG, sampler); the fork's saving is printed
-as the share of the separate pass's extra cost that the fast path does not pay.
+as the share of the separate pass's extra cost that the fast path does not pay. The date, this machine's load
+average and free memory are printed at the start and the end (the server is assumed to run on this machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import statistics
 import time
 import urllib.request
@@ -39,6 +42,19 @@ def _post(url: str, payload: dict[str, Any]) -> float:
     with urllib.request.urlopen(request, timeout=3600) as response:
         response.read()
     return time.perf_counter() - start
+
+
+def machine_state() -> str:
+    """This machine's load and free memory: a ratio is only read from a quiet machine (the server runs here)."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        available = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+        memory = f", {available / 2**20:.1f} GiB available"
+    except (OSError, StopIteration, ValueError):
+        memory = ""
+    return f"{now}: {os.cpu_count()} CPUs, load average {load}{memory}"
 
 
 def measure(
@@ -112,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.manifest and args.family):
             parser.error("--manifest and --family go together")
         request = json.loads(Path(args.manifest).read_text())["families"][args.family]["request"]
+    before = machine_state()
     scripts = None
     if args.scripts:
         text = Path(args.scripts[1:]).read_text() if args.scripts.startswith("@") else args.scripts
@@ -136,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{what}{args.size}x{args.size}, {sampler}, CFG {cfg:g}, layers {args.layers}, sigma {args.sigma}, checkpoint "
         f"{args.checkpoint or '(loaded)'}, steps {args.short} vs {args.long}, {args.reps} reps"
-        f"{', with ' + ', '.join(scripts) if scripts else ''}\n"
+        f"{', with ' + ', '.join(scripts) if scripts else ''}"
     )
+    print(f"machine at the start: {before}\nmachine at the end:   {machine_state()}\n")
     print("| mode | s per step (median) | ratio to SEG off | ratio to the separate pass | each repetition |")
     print("|---|---|---|---|---|")
     for mode, seconds in results.items():
