@@ -13,8 +13,9 @@ from seg_lib.core.blocks import DitRef, parse_layers, resolve_dit
 from seg_lib.core.blur import smooth_queries
 from seg_lib.families import CHROMA, FLUX, SD35, dit_family
 from seg_lib.families.dit import kernel_sites
-from seg_lib.families.hooks import DitCall, dit_hooks
+from seg_lib.families.hooks import dit_hooks
 from tests import standins_flux, standins_sd35
+from tests.dit_rig import dit_call, fast_and_separate, kernel_calls_plain_and_seg, one_query_and_full_blur
 
 torch.manual_seed(0)
 
@@ -43,30 +44,6 @@ def _inputs(name, rows, height=6, width=10):
     if name == "flux":
         kwargs["guidance"] = torch.rand(rows, dtype=torch.float64) * 4
     return (x, t), kwargs
-
-
-def _smooth(sigma, seen=None):
-    def smooth(ref, q, grid):
-        if seen is not None:
-            seen.append((ref, grid, q.shape))
-        return smooth_queries(q, grid[0], grid[1], sigma)
-
-    return smooth
-
-
-def _call(model, layers, sigma, one_query=False, rows=0, fork=None, seen=None):
-    family = dit_family(model)
-    refs = resolve_dit(layers, family.layout(model), family.name)
-    sites = kernel_sites(family, model)
-    assert not isinstance(sites, str), sites
-    return DitCall(family, model, refs, sites, _smooth(sigma, seen), one_query, rows, fork, {})
-
-
-def _grow(args, kwargs, cond):
-    def grow(value):
-        return torch.cat([value, value[cond]]) if isinstance(value, torch.Tensor) else value
-
-    return tuple(map(grow, args)), {key: grow(value) for key, value in kwargs.items()}
 
 
 SELECTIONS = {
@@ -102,16 +79,7 @@ def test_fast_equals_separate(name, layers, sigma):
     of the same call are what the model gives without SEG."""
     model = _model(name)
     args, kwargs = _inputs(name, rows=2)  # cond, uncond
-    cond = slice(0, 1)
-    with torch.no_grad():
-        plain = model(*args, **kwargs)
-        separate_args = tuple(a[cond] for a in args)
-        separate_kwargs = {k: v[cond] for k, v in kwargs.items()}
-        with dit_hooks(_call(model, layers, sigma, one_query=math.isinf(sigma))):
-            separate = model(*separate_args, **separate_kwargs)
-        big_args, big_kwargs = _grow(args, kwargs, cond)
-        with dit_hooks(_call(model, layers, sigma, one_query=math.isinf(sigma), rows=2, fork=cond)):
-            fast = model(*big_args, **big_kwargs)
+    fast, separate, plain = fast_and_separate(model, layers, sigma, args, kwargs)
     assert fast.shape[0] == 3
     torch.testing.assert_close(fast[:2], plain, rtol=0, atol=1e-12)
     torch.testing.assert_close(fast[2:], separate, rtol=0, atol=1e-9)
@@ -122,11 +90,7 @@ def test_fast_equals_separate(name, layers, sigma):
 def test_one_query_shortcut_equals_full_blur(name, layers):
     model = _model(name)
     args, kwargs = _inputs(name, rows=2)
-    with torch.no_grad():
-        with dit_hooks(_call(model, layers, math.inf, one_query=False)):
-            full = model(*args, **kwargs)
-        with dit_hooks(_call(model, layers, math.inf, one_query=True)):
-            short = model(*args, **kwargs)
+    short, full = one_query_and_full_blur(model, layers, args, kwargs)
     torch.testing.assert_close(short, full, rtol=0, atol=1e-10)
 
 
@@ -155,20 +119,15 @@ def test_the_image_queries_are_blurred_on_the_call_grid(name, size, grid, monkey
         seen.append((q, k, v, kwargs.get("skip_reshape", False)))
         return original(q, k, v, heads, *args, **kwargs)
 
-    call = _call(model, layers, 1.5)  # the sites are read from the host's code, before the spy goes in
+    call = dit_call(model, layers, 1.5)  # the sites are read from the host's code, before the spy goes in
     monkeypatch.setitem(namespace, kernel_name, spy)
     args, kwargs = _inputs(name, rows=1, height=size[0], width=size[1])
-    with torch.no_grad():
-        model(*args, **kwargs)
-        plain_calls = list(seen)
-        seen.clear()
-        with dit_hooks(call):
-            model(*args, **kwargs)
-    assert len(seen) == len(plain_calls)
-    changed = [i for i, (a, b) in enumerate(zip(plain_calls, seen, strict=True)) if not torch.equal(a[0], b[0])]
+    plain_calls, with_seg = kernel_calls_plain_and_seg(model, call, seen, args, kwargs)
+    assert len(with_seg) == len(plain_calls)
+    changed = [i for i, (a, b) in enumerate(zip(plain_calls, with_seg, strict=True)) if not torch.equal(a[0], b[0])]
     assert len(changed) >= 1
     index = changed[0]
-    (q0, k0, v0, bhld), (q1, k1, v1, _) = plain_calls[index], seen[index]
+    (q0, k0, v0, bhld), (q1, k1, v1, _) = plain_calls[index], with_seg[index]
     assert torch.equal(k0, k1)
     assert torch.equal(v0, v1)
     axis = 2 if bhld else 1
@@ -199,7 +158,7 @@ def test_text_tokens_attention_output_is_unchanged_in_a_smoothed_block(name, mon
         return out
 
     args, kwargs = _inputs(name, rows=1)
-    call = _call(model, layers, math.inf, one_query=True)
+    call = dit_call(model, layers, math.inf, one_query=True)
     with torch.no_grad():
         # The block's inputs are those of the plain run: only block 1 is smoothed, so blocks before it match.
         monkeypatch.setitem(namespace, kernel_name, spy)
@@ -226,7 +185,7 @@ def test_hooks_are_gone_after_an_error():
     model.single_blocks[1].forward = interrupted
     with (
         pytest.raises(RuntimeError, match="interrupted"),
-        dit_hooks(_call(model, "double1", 2.0, rows=1, fork=slice(0, 1))),
+        dit_hooks(dit_call(model, "double1", 2.0, rows=1, fork=slice(0, 1))),
     ):
         model(*args, **kwargs)
     assert standins_flux.attention_function is kernel
@@ -244,7 +203,7 @@ def test_a_fork_that_never_happens_is_an_error():
     kwargs["transformer_options"] = {"skip_layers": [2]}  # as Forge's SD3.5 skips layers
     with (
         pytest.raises(RuntimeError, match="did not run"),
-        dit_hooks(_call(model, "joint2", 2.0, rows=1, fork=slice(0, 1))),
+        dit_hooks(dit_call(model, "joint2", 2.0, rows=1, fork=slice(0, 1))),
     ):
         model(*args, **kwargs)
 

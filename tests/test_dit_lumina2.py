@@ -17,7 +17,7 @@ from seg_lib.families import CHROMA, FLUX, LUMINA2, SD35, ZIMAGE, dit_family
 from seg_lib.families.dit import kernel_sites
 from seg_lib.families.hooks import dit_hooks
 from tests import standins_flux, standins_lumina2, standins_sd35, test_forge_dit
-from tests.test_dit import _call, _grow
+from tests.dit_rig import dit_call, fast_and_separate, kernel_calls_plain_and_seg, one_query_and_full_blur
 
 MODELS = {
     "ersatz-lumina2": lambda layers: standins_lumina2.Lumina2DiT(layers),
@@ -40,21 +40,6 @@ def _inputs(rows, height=6, width=10, caption=5):
     x = torch.randn(rows, standins_lumina2.CHANNELS, height, width, dtype=torch.float64)
     t = torch.rand(rows, dtype=torch.float64)
     return (x, t), {"context": torch.randn(rows, caption, standins_lumina2.CAPTION, dtype=torch.float64)}
-
-
-def _fast_and_separate(model, layers, sigma, args, kwargs, rows=2, cond=slice(0, 1)):
-    """(the host's rows and the copies of one call with the fork, a separate cond pass, the plain output)."""
-    one_query = math.isinf(sigma)
-    with torch.no_grad():
-        plain = model(*args, **kwargs)
-        separate_args = tuple(a[cond] for a in args)
-        separate_kwargs = {k: v[cond] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        with dit_hooks(_call(model, layers, sigma, one_query=one_query)):
-            separate = model(*separate_args, **separate_kwargs)
-        big_args, big_kwargs = _grow(args, kwargs, cond)
-        with dit_hooks(_call(model, layers, sigma, one_query=one_query, rows=rows, fork=cond)):
-            fast = model(*big_args, **big_kwargs)
-    return fast, separate, plain
 
 
 def test_the_families_are_detected_and_not_confused():
@@ -103,7 +88,7 @@ def test_fast_equals_separate(name, layers, sigma):
     same call are the model's plain output (Neo's ``unpatchify`` runs on them and on the copies apart)."""
     model = _model(name)
     args, kwargs = _inputs(rows=2)
-    fast, separate, plain = _fast_and_separate(model, layers, sigma, args, kwargs)
+    fast, separate, plain = fast_and_separate(model, layers, sigma, args, kwargs)
     assert fast.shape[0] == 3
     torch.testing.assert_close(fast[:2], plain, rtol=0, atol=1e-12)
     torch.testing.assert_close(fast[2:], separate, rtol=0, atol=1e-9)
@@ -122,7 +107,7 @@ def test_fast_equals_separate(name, layers, sigma):
 def test_fast_equals_separate_on_odd_and_non_square_grids(name, size):
     model = _model(name)
     args, kwargs = _inputs(rows=3, height=size[0], width=size[1], caption=7)  # cond, uncond, another cond
-    fast, separate, plain = _fast_and_separate(model, "layer1-2", 3.0, args, kwargs, rows=3, cond=slice(1, 3))
+    fast, separate, plain = fast_and_separate(model, "layer1-2", 3.0, args, kwargs, rows=3, cond=slice(1, 3))
     torch.testing.assert_close(fast[:3], plain, rtol=0, atol=1e-12)
     torch.testing.assert_close(fast[3:], separate, rtol=0, atol=1e-9)
 
@@ -155,19 +140,14 @@ def test_only_the_image_queries_of_the_selected_layer_are_blurred(name, size, ca
     padded to the multiple); the keys and values are the host's; the refiners and other layers are untouched.
     The caption tokens' attention output is unchanged, the image tokens' is not."""
     model = _model(name)
-    call = _call(model, "layer2", 1.5)  # the sites are read from the host's code, before the spy goes in
+    call = dit_call(model, "layer2", 1.5)  # the sites are read from the host's code, before the spy goes in
     seen = _spy(monkeypatch)
     args, kwargs = _inputs(rows=1, height=size[0], width=size[1], caption=caption)
-    with torch.no_grad():
-        model(*args, **kwargs)
-        plain = list(seen)
-        seen.clear()
-        with dit_hooks(call):
-            model(*args, **kwargs)
-    assert len(seen) == len(plain) == 2 + 2 + 4  # context refiner, noise refiner, layers
-    changed = [i for i, (a, b) in enumerate(zip(plain, seen, strict=True)) if not torch.equal(a[0], b[0])]
+    plain, with_seg = kernel_calls_plain_and_seg(model, call, seen, args, kwargs)
+    assert len(with_seg) == len(plain) == 2 + 2 + 4  # context refiner, noise refiner, layers
+    changed = [i for i, (a, b) in enumerate(zip(plain, with_seg, strict=True)) if not torch.equal(a[0], b[0])]
     assert changed == [6, 7]  # from layer 2 on (after the four refiner calls): layer 3 gets a changed input
-    (q0, k0, v0, out0), (q1, k1, v1, out1) = plain[6], seen[6]
+    (q0, k0, v0, out0), (q1, k1, v1, out1) = plain[6], with_seg[6]
     assert torch.equal(k0, k1)
     assert torch.equal(v0, v1)
     n = grid[0] * grid[1]
@@ -187,11 +167,7 @@ def test_only_the_image_queries_of_the_selected_layer_are_blurred(name, size, ca
 def test_one_query_shortcut_equals_full_blur(name, layers):
     model = _model(name)
     args, kwargs = _inputs(rows=2, height=8, width=6)
-    with torch.no_grad():
-        with dit_hooks(_call(model, layers, math.inf, one_query=False)):
-            full = model(*args, **kwargs)
-        with dit_hooks(_call(model, layers, math.inf, one_query=True)):
-            short = model(*args, **kwargs)
+    short, full = one_query_and_full_blur(model, layers, args, kwargs)
     torch.testing.assert_close(short, full, rtol=0, atol=1e-10)
 
 
@@ -201,7 +177,7 @@ def test_negpip_is_one_value_for_all_rows():
     model = _model("ersatz-zimage")
     args, kwargs = _inputs(rows=2)
     kwargs["negpip"] = torch.tensor([[-0.5, 0.8], [-0.5, 0.8]], dtype=torch.float64)
-    fast, separate, plain = _fast_and_separate(model, "layer1", 2.0, args, kwargs)
+    fast, separate, plain = fast_and_separate(model, "layer1", 2.0, args, kwargs)
     torch.testing.assert_close(fast[:2], plain, rtol=0, atol=1e-12)
     torch.testing.assert_close(fast[2:], separate, rtol=0, atol=1e-9)
     with torch.no_grad():
@@ -218,7 +194,7 @@ def test_z_image_control_hints_are_copied_with_the_rows(monkeypatch):
     monkeypatch.setattr(standins_lumina2.shared, "ZITstrength", 0.7)
     args, kwargs = _inputs(rows=2)
     for layers in ["layer1", "layer2-3", "layer0"]:
-        fast, separate, plain = _fast_and_separate(model, layers, 2.0, args, kwargs)
+        fast, separate, plain = fast_and_separate(model, layers, 2.0, args, kwargs)
         torch.testing.assert_close(fast[:2], plain, rtol=0, atol=1e-12)
         torch.testing.assert_close(fast[2:], separate, rtol=0, atol=1e-9)
     monkeypatch.setattr(standins_lumina2.shared, "ZITstrength", 0.0)
@@ -234,7 +210,7 @@ def test_neo_caption_mask_is_cut_with_the_rows():
     mask = torch.zeros(2, 6, dtype=torch.float64)
     mask[0, 4:] = -math.inf
     kwargs["attention_mask"] = mask
-    fast, separate, plain = _fast_and_separate(model, "layer1", math.inf, args, kwargs)
+    fast, separate, plain = fast_and_separate(model, "layer1", math.inf, args, kwargs)
     torch.testing.assert_close(fast[:2], plain, rtol=0, atol=1e-12)
     torch.testing.assert_close(fast[2:], separate, rtol=0, atol=1e-9)
 
@@ -243,7 +219,7 @@ def test_hooks_and_wrappers_are_gone_after_the_call():
     model = _model("neo-lumina2")
     args, kwargs = _inputs(rows=2)
     kernel = standins_lumina2.attention_function
-    with torch.no_grad(), dit_hooks(_call(model, "layer1", 2.0, rows=1, fork=slice(0, 1))):
+    with torch.no_grad(), dit_hooks(dit_call(model, "layer1", 2.0, rows=1, fork=slice(0, 1))):
         assert "unpatchify" in vars(model)  # the per-row lists' method, run apart on the fork
         model(*args, **kwargs)
     assert "unpatchify" not in vars(model)

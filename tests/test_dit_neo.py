@@ -17,7 +17,7 @@ from seg_lib.families import CHROMA, FLUX, LUMINA2, SD35, ZIMAGE, dit_family
 from seg_lib.families.dit import kernel_sites
 from seg_lib.families.hooks import dit_hooks
 from tests import standins_neo_flux, test_forge_dit
-from tests.test_dit import _call, _grow
+from tests.dit_rig import dit_call, fast_and_separate, grow, kernel_calls_plain_and_seg, one_query_and_full_blur
 
 neo = standins_neo_flux
 
@@ -44,19 +44,6 @@ def _inputs(name, rows, height=5, width=7, text=4):
     if name == "flux":
         kwargs["guidance"] = torch.rand(rows, dtype=torch.float64) * 4
     return (x, torch.rand(rows, dtype=torch.float64)), kwargs
-
-
-def _run(model, layers, sigma, args, kwargs, rows=2, cond=slice(0, 1)):
-    one_query = math.isinf(sigma)
-    with torch.no_grad():
-        plain = model(*args, **kwargs)
-        separate_kwargs = {k: v[cond] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        with dit_hooks(_call(model, layers, sigma, one_query=one_query)):
-            separate = model(*(a[cond] for a in args), **separate_kwargs)
-        big_args, big_kwargs = _grow(args, kwargs, cond)
-        with dit_hooks(_call(model, layers, sigma, one_query=one_query, rows=rows, fork=cond)):
-            fast = model(*big_args, **big_kwargs)
-    return fast, separate, plain
 
 
 def test_families_and_patch_sizes():
@@ -88,7 +75,7 @@ SELECTIONS = ["double0", "double2", "single0", "single2", "double1,single1"]
 def test_fast_equals_separate(name, layers, sigma):
     model = _model(name)
     args, kwargs = _inputs(name, rows=2)
-    fast, separate, plain = _run(model, layers, sigma, args, kwargs)
+    fast, separate, plain = fast_and_separate(model, layers, sigma, args, kwargs)
     assert fast.shape[0] == 3
     torch.testing.assert_close(fast[:2], plain, rtol=0, atol=1e-12)
     torch.testing.assert_close(fast[2:], separate, rtol=0, atol=1e-9)
@@ -115,7 +102,7 @@ def test_fast_equals_separate_with_a_per_row_mask_and_a_block_patch(name):
     kwargs["transformer_options"] = {"patches_replace": {"dit": {("double_block", 1): patch}}}
     for layers in ["double1", "double0,single2"]:
         calls.clear()
-        fast, separate, plain = _run(model, layers, math.inf, args, kwargs)
+        fast, separate, plain = fast_and_separate(model, layers, math.inf, args, kwargs)
         torch.testing.assert_close(fast[:2], plain, rtol=0, atol=1e-12)
         torch.testing.assert_close(fast[2:], separate, rtol=0, atol=1e-9)
         if name != "chroma":  # Neo's Chroma has no block patches
@@ -139,16 +126,11 @@ def test_the_image_queries_are_blurred_on_the_models_own_grid(name, size, grid, 
     """Flux.2's latent is patchified already (``patch_size`` 1): its image grid is the latent's, not half of
     it; the text queries before the image ones stay, keys and values are the host's, the options go through."""
     model = _model(name)
-    call = _call(model, "double1", 1.5)
+    call = dit_call(model, "double1", 1.5)
     seen = _spy(monkeypatch)
     args, kwargs = _inputs(name, rows=1, height=size[0], width=size[1])
-    with torch.no_grad():
-        model(*args, **kwargs)
-        plain = list(seen)
-        seen.clear()
-        with dit_hooks(call):
-            model(*args, **kwargs)
-    (q0, k0, v0, options0), (q1, k1, v1, options1) = plain[1], seen[1]
+    plain, with_seg = kernel_calls_plain_and_seg(model, call, seen, args, kwargs)
+    (q0, k0, v0, options0), (q1, k1, v1, options1) = plain[1], with_seg[1]
     assert options1 == options0
     assert options1["mask"] is None
     assert "transformer_options" in options1
@@ -170,10 +152,10 @@ def test_reference_tokens_stay_and_the_fork_takes_a_one_row_kontext_call(monkeyp
     torch.manual_seed(10)
     monkeypatch.setitem(neo.dynamic_args, "ref_latents", [torch.randn(1, neo.CHANNELS, 4, 6, dtype=torch.float64)])
     args, kwargs = _inputs("flux", rows=1)
-    fast, separate, plain = _run(model, "double1,single0", 3.0, args, kwargs, rows=1, cond=slice(0, 1))
+    fast, separate, plain = fast_and_separate(model, "double1,single0", 3.0, args, kwargs, rows=1, cond=slice(0, 1))
     torch.testing.assert_close(fast[:1], plain, rtol=0, atol=1e-12)
     torch.testing.assert_close(fast[1:], separate, rtol=0, atol=1e-9)
-    call = _call(model, "double1", 3.0)
+    call = dit_call(model, "double1", 3.0)
     seen = _spy(monkeypatch)
     with torch.no_grad():
         model(*args, **kwargs)
@@ -195,17 +177,17 @@ def test_controlnet_residuals_between_blocks_are_not_forked(name):
     args, kwargs = _inputs(name, rows=2)
     torch.manual_seed(11)
     kwargs["control"] = {"input": [torch.randn(2, 12, neo.WIDTH, dtype=torch.float64)], "output": []}
-    big_args, big_kwargs = _grow(args, {**kwargs, "control": None}, slice(0, 1))
+    big_args, big_kwargs = grow(args, {**kwargs, "control": None}, slice(0, 1))
     big_kwargs["control"] = kwargs["control"]
     with (
         torch.no_grad(),
         pytest.raises(RuntimeError, match="ControlNet residuals"),
-        dit_hooks(_call(model, "double1", 2.0, rows=2, fork=slice(0, 1))),
+        dit_hooks(dit_call(model, "double1", 2.0, rows=2, fork=slice(0, 1))),
     ):
         model(*big_args, **big_kwargs)
     one_row = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     one_row["control"] = {"input": [kwargs["control"]["input"][0][:1]], "output": []}
-    with torch.no_grad(), dit_hooks(_call(model, "double1", 2.0)):
+    with torch.no_grad(), dit_hooks(dit_call(model, "double1", 2.0)):
         separate = model(*(a[:1] for a in args), **one_row)
     assert separate.shape[0] == 1
 
@@ -214,11 +196,7 @@ def test_controlnet_residuals_between_blocks_are_not_forked(name):
 def test_one_query_shortcut_equals_full_blur(name, layers):
     model = _model(name)
     args, kwargs = _inputs(name, rows=2)
-    with torch.no_grad():
-        with dit_hooks(_call(model, layers, math.inf, one_query=False)):
-            full = model(*args, **kwargs)
-        with dit_hooks(_call(model, layers, math.inf, one_query=True)):
-            short = model(*args, **kwargs)
+    short, full = one_query_and_full_blur(model, layers, args, kwargs)
     torch.testing.assert_close(short, full, rtol=0, atol=1e-10)
 
 

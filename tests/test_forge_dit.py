@@ -15,9 +15,9 @@ from seg_lib.families.hooks import dit_hooks
 from seg_lib.host.forge import ForgeHost, ForgeRun
 from seg_lib.host.run import RUN_ATTRIBUTE, on_cfg_denoiser
 from tests import standins_flux, standins_sd35, standins_sd35_ersatz
+from tests.dit_rig import dit_call
 from tests.standins import make_p
 from tests.standins_forge import ForgeModel, UnetPatcher, calc_cond_uncond_batch, sampling_function_inner
-from tests.test_dit import _call
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -82,7 +82,7 @@ class DitRig:
 
     def smoothed_cond(self, layers: str, sigma: float) -> torch.Tensor:
         """The reference: a cond pass with the blocks smoothed by the hooks alone (``test_dit`` checks them)."""
-        with torch.no_grad(), dit_hooks(_call(self.dit, layers, sigma, one_query=False)):
+        with torch.no_grad(), dit_hooks(dit_call(self.dit, layers, sigma, one_query=False)):
             return calc_cond_uncond_batch(ForgeModel(self.dit), self.cond, None, self.x, self.sigma, {})[0]
 
 
