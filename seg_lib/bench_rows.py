@@ -20,7 +20,6 @@ import argparse
 import resource
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -56,22 +55,18 @@ def measure(heads: int, tokens: int, dim: int, reps: int) -> dict[str, list[tupl
         for name, parts in CASES.items()
     }
 
-    def run(name: str) -> Callable[[], None]:
-        def call() -> None:
-            for q, k_t, v in inputs[name]:
-                one_chunk_attention(q, k_t, v)
+    def run(name: str) -> None:
+        for q, k_t, v in inputs[name]:
+            one_chunk_attention(q, k_t, v)
 
-        return call
-
-    calls = {name: run(name) for name in CASES}
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in CASES}
     with torch.no_grad():
-        for call in calls.values():
-            call()
+        for name in CASES:
+            run(name)
         for _ in range(reps):
-            for name, call in calls.items():
+            for name in CASES:
                 faults, start = _faults(), time.perf_counter()
-                call()
+                run(name)
                 results[name].append((time.perf_counter() - start, _faults() - faults))
     return results
 

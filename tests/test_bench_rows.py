@@ -18,7 +18,10 @@ def test_two_plus_one_rows_are_the_three_rows() -> None:
     heads, tokens, dim = 4, 16, 8
     q, k_t, v = layer(3, heads, tokens, dim)
     together = one_chunk_attention(q, k_t, v)
-    split = torch.cat([one_chunk_attention(q[:8], k_t[:8], v[:8]), one_chunk_attention(q[8:], k_t[8:], v[8:])])
+    two = 2 * heads  # the first two rows' heads
+    split = torch.cat(
+        [one_chunk_attention(q[:two], k_t[:two], v[:two]), one_chunk_attention(q[two:], k_t[two:], v[two:])]
+    )
     assert torch.allclose(together, split, atol=1e-6)
 
 
