@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,8 +12,9 @@ import pytest
 
 from seg_lib.core.params import SegParams
 from seg_lib.host import adapter as adapter_module
+from seg_lib.host import memory as memory_module
 from seg_lib.host.adapter import A1111Adapter, ForgeAdapter
-from seg_lib.host.memory import _malloc_trim
+from seg_lib.host.memory import _malloc_trim, give_back_free_heap, user_keeps_heap
 from seg_lib.host.run import RUN_ATTRIBUTE
 from tests.test_a1111_adapter import Rig
 from tests.test_forge_adapter import ForgeRig
@@ -72,5 +74,38 @@ def test_the_trim_returns_freed_heap_pages():
         """
     )
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root)
+    environ = {k: v for k, v in os.environ.items() if k not in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
+    environ.pop("GLIBC_TUNABLES", None)  # glibc's defaults: the trim runs
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root, env=environ
+    )
     assert float(out.stdout.strip().splitlines()[-1]) > 150
+
+
+@pytest.mark.parametrize(
+    ("environ", "keeps"),
+    [
+        ({}, False),
+        ({"MALLOC_ARENA_MAX": "1"}, False),  # how many arenas, not whether freed memory is kept
+        ({"MALLOC_TRIM_THRESHOLD_": "17179869184"}, True),
+        ({"MALLOC_MMAP_THRESHOLD_": "8589934592"}, True),
+        ({"MALLOC_TRIM_THRESHOLD_": ""}, False),  # set empty: glibc ignores it
+        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=17179869184"}, True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=8589934592"}, True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}, False),
+    ],
+)
+def test_a_user_who_told_glibc_to_keep_freed_memory_is_respected(environ, keeps):
+    assert user_keeps_heap(environ) is keeps
+
+
+def test_no_trim_when_the_user_keeps_the_heap(monkeypatch):
+    called: list[int] = []
+    monkeypatch.setattr(memory_module, "_malloc_trim", lambda: lambda pad: called.append(pad) or 1)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
+    assert give_back_free_heap() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert give_back_free_heap() is True
+    assert called == [0]
